@@ -1,0 +1,3 @@
+"""tpc: the token-pruning compiler."""
+
+__version__ = "0.1.0"

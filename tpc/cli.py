@@ -1,0 +1,239 @@
+"""The `tpc` command line. Thin: parse, call the library, render; every failure of input is one line + exit 2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.exceptions import TyperException  # base of typer's (vendored click) usage errors
+
+from tpc.errors import UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="tpc, the token-pruning compiler: keep K visual tokens, export, verify against eager, profile.",
+)
+out = Console()
+err = Console(stderr=True)
+
+EXIT_USAGE, EXIT_MISMATCH = 2, 1
+
+
+def _quiet_libraries() -> None:
+    """Nothing is ever downloaded, and library chatter would bury tpc's own report."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    logging.getLogger("onnxscript").setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _parse_params(items: list[str]) -> dict[str, str]:
+    params = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise UsageError(f"--param expects NAME=VALUE, got '{item}'")
+        params[name.strip()] = value.strip()
+    return params
+
+
+def _write_json(path: Path | None, data: dict[str, Any]) -> None:
+    if path is not None:
+        path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _render_verify(report: Any) -> None:
+    table = Table(title=f"verify: {report.runtime}, {report.samples} samples (atol {report.atol}, rtol {report.rtol})")
+    for column in ("check", "max abs", "max rel", "ok"):
+        table.add_column(column)
+    agree = report.kept_rows_agreeing == report.kept_rows
+    table.add_row("kept_indices equal", "", "", f"{report.kept_rows_agreeing}/{report.kept_rows} {_mark(agree)}")
+    for prefix, diffs in (("", report.outputs), ("teacher-forced ", report.teacher_forced)):
+        for name, diff in diffs.items():
+            table.add_row(f"{prefix}{name}", f"{diff.max_abs:.3g}", f"{diff.max_rel:.3g}", _mark(diff.passed))
+    out.print(table)
+    out.print(("[green]PASS[/green] " if report.passed else "[red]FAIL[/red] ") + report.diagnosis)
+
+
+def _mark(ok: bool) -> str:
+    return "[green]yes[/green]" if ok else "[red]no[/red]"
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="local Hugging Face model directory, or zoo:NAME")],
+    method: Annotated[str, typer.Option(help="pruning method (see `tpc methods`); none = unpruned baseline")],
+    output: Annotated[Path, typer.Option(help="export directory to create")],
+    keep: Annotated[int | None, typer.Option(help="number of visual tokens to keep (K)")] = None,
+    target: Annotated[str, typer.Option(help="onnx | tensorrt | executorch | coreml")] = "onnx",
+    param: Annotated[list[str] | None, typer.Option(help="method/model parameter NAME=VALUE (repeatable)")] = None,
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
+    prompt_len: Annotated[int | None, typer.Option(help="static prompt length (VLM/VLA models)")] = None,
+    batch: Annotated[int, typer.Option(help="static batch size of the exported graph")] = 1,
+    samples: Annotated[int, typer.Option(help="inputs compared by the verification")] = 4,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output directory")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="skip the eager-vs-export check")] = False,
+) -> None:
+    """Prune MODEL to KEEP visual tokens with METHOD, export it for TARGET, and verify it against eager."""
+    from tpc.export import export as run_export
+    from tpc.pipeline import PruneRequest
+    from tpc.progress import rich_steps
+
+    if prompt_len is not None:
+        raise UsageError("--prompt-len applies to VLM and VLA models; vision encoders take no prompt")
+    request = PruneRequest(model, method, keep, _parse_params(param or []), dtype, batch)
+    result = run_export(request, target, output, force, not no_verify, samples, step=rich_steps(err))
+    if result.report is not None:
+        _render_verify(result.report)
+    tokens = result.manifest.tokens
+    out.print(f"wrote {result.directory} ({tokens['before']} -> {tokens['after']} visual tokens, {target})")
+
+
+@app.command()
+def verify(
+    directory: Annotated[Path, typer.Argument(help="a directory written by `tpc export`")],
+    samples: Annotated[int, typer.Option(help="number of seeded inputs (the first is samples/inputs.npz)")] = 4,
+    inputs: Annotated[Path | None, typer.Option(help=".npz of your own inputs, keyed by input name")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON")] = None,
+) -> None:
+    """Run the export in its runtime and compare with eager PyTorch; exit 1 if they differ."""
+    from tpc.progress import rich_steps
+    from tpc.verify import verify as run_verify
+
+    report = run_verify(directory, samples, inputs, step=rich_steps(err))
+    _render_verify(report)
+    _write_json(json_path, report.to_dict())
+    if not report.passed:
+        raise typer.Exit(EXIT_MISMATCH)
+
+
+@app.command()
+def profile(
+    directory: Annotated[Path, typer.Argument(help="a directory written by `tpc export`")],
+    runs: Annotated[int, typer.Option(help="timed runs")] = 50,
+    warmup: Annotated[int, typer.Option(help="untimed runs first")] = 5,
+    baseline: Annotated[Path | None, typer.Option(help="another export, timed alternately with this one")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON")] = None,
+) -> None:
+    """Latency of an export in its runtime (median, p90), and the speedup over a baseline export."""
+    from tpc.profile import profile as run_profile
+
+    report = run_profile(directory, runs, warmup, baseline)
+    table = Table(title=f"profile: {report.runtime} on {report.machine}")
+    for column in ("export", "median ms", "p90 ms", "min ms", "runs"):
+        table.add_column(column)
+    rows = [(report.directory, report.timing)]
+    if report.baseline is not None:
+        rows.append((f"{report.baseline_directory} (baseline)", report.baseline))
+    for name, t in rows:
+        table.add_row(name, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", f"{t.min_ms:.3f}", str(t.runs))
+    out.print(table)
+    if report.speedup is not None:
+        out.print(f"speedup over baseline: {report.speedup:.2f}x (median, measured side by side)")
+    _write_json(json_path, report.to_dict())
+
+
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="local Hugging Face model directory, or zoo:NAME")],
+    method: Annotated[str, typer.Option(help="pruning method")] = "hiprune",
+    keep: Annotated[int | None, typer.Option(help="number of visual tokens to keep")] = None,
+    param: Annotated[list[str] | None, typer.Option(help="NAME=VALUE (repeatable)")] = None,
+    batch: Annotated[int, typer.Option(help="batch size")] = 1,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the plan as JSON")] = None,
+) -> None:
+    """The plan: taps, prune point, tokens and FLOPs before/after (reads the config only)."""
+    from tpc.inspect import describe
+    from tpc.pipeline import PruneRequest
+
+    if keep is None and method != "none":
+        from tpc.models_zoo import resolve
+
+        keep = max(1, resolve(model).geometry.num_patches // 4)
+    plan = describe(PruneRequest(model, method, keep, _parse_params(param or []), "fp32", batch))
+    g = plan["geometry"]
+    out.print(f"[bold]{plan['model']}[/bold] ({plan['family']}): {g['layers']} layers, d={g['hidden_size']}, "
+              f"{g['heads']} heads, {g['image_size']}px / {g['patch_size']} -> {g['grid'][0]}x{g['grid'][1]} patches"
+              f" + {g['prefix_tokens']} prefix")
+    out.print(f"method {plan['method']}, params {plan['params']}")
+    for tap in plan["taps"]:
+        out.print(f"  tap layer {tap['layer']}: {tap['reduction']}; {tap['rows_per_block']} query rows per block, "
+                  f"{tap['block_bytes'] / 2**20:.1f} MiB per block")
+    out.print(f"  (output_attentions=True would hold {plan['output_attentions_bytes'] / 2**20:.1f} MiB of maps)")
+    out.print(f"prune point: {plan['prune_point']}; runs {plan['layers_run']} of {g['layers']} layers")
+    tokens, flops = plan["tokens"], plan["flops"]
+    out.print(f"tokens: {tokens['before']} -> {tokens['after']} ({plan['downstream_token_ratio']:.1%} handed downstream)")
+    out.print(f"encoder GFLOPs: {flops['encoder_full'] / 1e9:.3f} full -> {flops['pruned_graph'] / 1e9:.3f} pruned graph")
+    _write_json(json_path, plan)
+
+
+@app.command()
+def methods() -> None:
+    """The methods and the model families each applies to."""
+    from tpc.methods import REGISTRY, VisionMethod
+    from tpc.models_zoo import FAMILIES
+
+    table = Table(title="methods")
+    for column in ("method", "stage", "families", "parameters", "what it keeps", "reference"):
+        table.add_column(column)
+    for method in REGISTRY.values():
+        families = ", ".join(FAMILIES) if isinstance(method, VisionMethod) else "(needs an LLM family: not yet)"
+        params = ", ".join(f"{p.name}={p.default}" for p in method.params) or "-"
+        table.add_row(method.name, method.stage, families, params, method.summary, method.reference)
+    out.print(table)
+
+
+@app.command()
+def zoo() -> None:
+    """The built-in models (random-initialised, architecture-faithful)."""
+    from tpc.models_zoo import FAMILIES, ZOO
+
+    table = Table(title="zoo (use as zoo:NAME)")
+    for column in ("name", "family", "tokens", "layers", "description"):
+        table.add_column(column)
+    for entry in ZOO.values():
+        geometry = FAMILIES[entry.family].geometry(entry.make_config())
+        tokens = f"{geometry.num_patches} + {geometry.prefix_tokens}"
+        table.add_row(entry.name, entry.family, tokens, str(geometry.num_layers), entry.summary)
+    out.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: usage problems -> `error: ...` on one line and exit 2; a failed verification -> exit 1."""
+    from tpc.export import VerificationFailed
+
+    _quiet_libraries()
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except (UsageError, TyperException) as error:
+        message = error.format_message() if hasattr(error, "format_message") else str(error)
+        err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        return EXIT_USAGE
+    except VerificationFailed as failure:
+        _render_verify(failure.report)
+        err.print("error: the export does not match eager PyTorch; nothing was written (see the table above)")
+        return EXIT_MISMATCH
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""`tpc export`: build the pruned model, export it for a target, write samples and manifest, verify, commit.
+
+Nothing is left half-written: everything goes to a staging directory beside the output, which is renamed into
+place only when the export (and, by default, its verification) succeeded. An existing output is replaced
+only with `force`.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+import tpc
+from tpc.errors import UsageError
+from tpc.exporter import get_target
+from tpc.exporter.manifest import Manifest, TensorSpec, write_samples
+from tpc.pipeline import Pruned, PruneRequest, build
+from tpc.progress import Step, silent
+from tpc.runtimes import RUNTIMES
+from tpc.verify import VerifyReport, eager_outputs, verify
+
+
+class VerificationFailed(Exception):
+    """The export ran but does not match eager; carries the report."""
+
+    def __init__(self, report: VerifyReport) -> None:
+        super().__init__(report.diagnosis)
+        self.report = report
+
+
+@dataclass
+class ExportResult:
+    directory: Path
+    manifest: Manifest
+    report: VerifyReport | None
+
+
+def _check_output(output: Path, force: bool) -> None:
+    if output.exists() and not force:
+        raise UsageError(f"output '{output}' already exists; pass --force to replace it")
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"output '{output}' is a file, not a directory; remove it or choose another --output")
+
+
+def _commit(staging: Path, output: Path) -> None:
+    """Move the finished staging directory into place, replacing an old output only at the last moment."""
+    if output.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        output.rename(retired / output.name)
+        staging.rename(output)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(output)
+
+
+def _manifest(pruned: Pruned, target_name: str, artifact: str, graph: dict, samples: tuple[dict, dict]) -> Manifest:
+    inputs, expected = samples
+    geometry = pruned.source.geometry
+    runtime = RUNTIMES[get_target(target_name).runtime]
+    return Manifest(
+        model={
+            "ref": pruned.source.ref,
+            "path": str(pruned.source.path),
+            "family": pruned.source.adapter.family,
+            "model_type": pruned.source.config.model_type,
+        },
+        method=pruned.method.name,
+        keep=pruned.keep,
+        params=pruned.params,
+        target=target_name,
+        artifact=artifact,
+        dtype=pruned.request.dtype,
+        batch=pruned.request.batch,
+        inputs=[TensorSpec.of(name, array) for name, array in inputs.items()],
+        outputs=[TensorSpec.of(name, array) for name, array in expected.items()],
+        tokens={
+            "before": geometry.num_patches,
+            "after": pruned.keep,
+            "grid": list(geometry.grid),
+            "prefix_tokens": geometry.prefix_tokens,
+        },
+        graph={key: value for key, value in graph.items() if key != "versions"},
+        versions={
+            "tpc": tpc.__version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            **graph.get("versions", {}),
+            **runtime.versions(),
+        },
+    )
+
+
+def export(
+    request: PruneRequest,
+    target: str,
+    output: Path,
+    force: bool = False,
+    run_verify: bool = True,
+    samples: int = 4,
+    step: Step = silent,
+) -> ExportResult:
+    """Export `request` for `target` into `output`; raises VerificationFailed if it does not match eager."""
+    output = Path(output).expanduser().resolve()
+    exporter = get_target(target)
+    exporter.check_installed()
+    _check_output(output, force)
+    with step(f"load {request.model} and insert {request.method} prune point"):
+        pruned = build(request)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tpc-", dir=output.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
+    try:
+        inputs = pruned.example_inputs(seed=0)
+        with step(f"export to {target}"):
+            graph = exporter.export(pruned.module, inputs, pruned.output_names, staging)
+        input_arrays = {name: t.numpy() for name, t in inputs.items()}
+        expected = eager_outputs(pruned, input_arrays)
+        write_samples(staging, input_arrays, expected)
+        manifest = _manifest(pruned, target, exporter.artifact, graph, (input_arrays, expected))
+        manifest.write(staging)
+        report = None
+        if run_verify:
+            report = verify(staging, samples=samples, pruned=pruned, step=step)
+            manifest.verification = report.to_dict()
+            manifest.write(staging)
+            if not report.passed:
+                raise VerificationFailed(report)
+        _commit(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ExportResult(output, manifest, report)

@@ -1,0 +1,89 @@
+"""ONNX target: torch.export -> tpc op lowering -> torch.onnx (dynamo) -> static-shape legality check.
+
+The graph must have every shape fixed by the configuration: no symbolic dimension anywhere, no op whose
+output size depends on data (NonZero, Unique, ...), and every TopK's K a constant. `check_static_graph`
+enforces this on the written file, so a regression in any method's lowering fails the export, not a device.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tpc.exporter.base import Target
+from tpc.passes.graph import lower_tpc_ops
+
+OPSET = 18
+DATA_DEPENDENT_OPS = frozenset({"NonZero", "Unique", "Compress", "Loop", "If", "Scan", "SequenceConstruct"})
+
+
+class StaticShapeError(RuntimeError):
+    """The exported graph breaks the static-shape contract (a bug in a method's lowering, not user input)."""
+
+
+def _constant_names(model: Any) -> set[str]:
+    names = {init.name for init in model.graph.initializer}
+    names.update(out for node in model.graph.node if node.op_type == "Constant" for out in node.output)
+    return names
+
+
+def check_static_graph(model: Any) -> None:
+    """Raise StaticShapeError naming the offending node or value if any shape could depend on data."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    constants = _constant_names(inferred)
+    for node in inferred.graph.node:
+        if node.op_type in DATA_DEPENDENT_OPS:
+            raise StaticShapeError(f"node '{node.name}' is {node.op_type}, whose output shape depends on data")
+        if node.op_type == "TopK" and node.input[1] not in constants:
+            raise StaticShapeError(f"TopK node '{node.name}' takes K from a computed tensor, not a constant")
+    values = [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]
+    for value in values:
+        dims = value.type.tensor_type.shape.dim
+        if not value.type.tensor_type.HasField("shape") or any(not d.HasField("dim_value") for d in dims):
+            raise StaticShapeError(f"value '{value.name}' has a non-static shape")
+
+
+class OnnxTarget(Target):
+    name = "onnx"
+    artifact = "model.onnx"
+    extra = "onnx"
+    requires = ("onnx", "onnxscript", "onnxruntime")
+    runtime = "onnxruntime"
+
+    def export(
+        self, module: nn.Module, inputs: dict[str, Tensor], output_names: tuple[str, ...], directory: Path
+    ) -> dict[str, Any]:
+        import onnx
+
+        with torch.inference_mode(False), torch.no_grad():
+            program = torch.export.export(module, args=tuple(inputs.values()), strict=False)
+            program = lower_tpc_ops(program)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                onnx_program = torch.onnx.export(
+                    program,
+                    tuple(inputs.values()),
+                    input_names=list(inputs),
+                    output_names=list(output_names),
+                    opset_version=OPSET,
+                    dynamo=True,
+                    optimize=True,
+                    verbose=False,
+                )
+        path = directory / self.artifact
+        onnx_program.save(str(path))
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+        check_static_graph(model)
+        return {
+            "opset": OPSET,
+            "op_counts": dict(sorted(Counter(node.op_type for node in model.graph.node).items())),
+            "versions": {"onnx": onnx.__version__},
+        }

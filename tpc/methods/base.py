@@ -1,0 +1,87 @@
+"""What a pruning method declares, so that the pipeline, the CLI and the docs can treat methods as data.
+
+A method is a small frozen record: its hyperparameters (typed, with defaults), which encoder layers it needs
+attention-received scores from, and a pure function from those signals to (B, N) priorities. The shared
+select op (`tpc.ops.select_tokens`) turns priorities into the K kept tokens, so a method never touches shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from tpc.errors import UsageError, unknown_name
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyperparameter: name, type, default (None = derived from the model), and a one-line meaning."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+
+    def parse(self, text: str) -> Any:
+        try:
+            if self.type is bool:
+                if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(text)
+                return text.lower() in ("1", "true", "yes")
+            return self.type(text)
+        except ValueError:
+            raise UsageError(
+                f"--param {self.name}={text}: expected {self.type.__name__} ({self.help})"
+            ) from None
+
+
+@dataclass(frozen=True)
+class VisionSignals:
+    """What a vision-side method may read. `received[l]`: (B, N) attention received per patch at 1-based layer l."""
+
+    received: Mapping[int, Tensor]
+    features: Tensor  # (B, N, D) patch features at the encoder's feature layer
+    grid: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class VisionMethod:
+    """A method that prunes on the vision side: encoder signals -> priorities -> keep K patch tokens."""
+
+    name: str
+    summary: str
+    reference: str
+    priority: Callable[[VisionSignals, int, dict], Tensor]
+    params: tuple[Param, ...] = ()
+    tapped_layers: Callable[[dict], tuple[int, ...]] = field(default=lambda params: ())
+    stage: str = "vision"
+    prunes: bool = True
+
+    def resolve_params(self, given: Mapping[str, str], derived: Mapping[str, Any]) -> dict[str, Any]:
+        """User strings parsed by type, over model-derived defaults, over the method's own defaults."""
+        known = {p.name: p for p in self.params}
+        unknown = set(given) - set(known)
+        if unknown:
+            raise unknown_name(f"parameter for method {self.name}", sorted(unknown)[0], known or ["(none)"])
+        values = {p.name: p.default for p in self.params}
+        values.update({k: v for k, v in derived.items() if k in known})
+        values.update({k: known[k].parse(v) for k, v in given.items()})
+        return values
+
+
+@dataclass(frozen=True)
+class FunctionalMethod:
+    """A method available as tensor functions only; its model integration (LLM prefill) comes with LLM families."""
+
+    name: str
+    summary: str
+    reference: str
+    stage: str
+    params: tuple[Param, ...] = ()
+    prunes: bool = True
+
+
+Method = VisionMethod | FunctionalMethod

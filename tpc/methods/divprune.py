@@ -1,0 +1,72 @@
+"""DivPrune (Alvar et al., CVPR 2025), as `vbdi/divprune` does it (methods.md §5).
+
+Keep the K tokens that are most spread out in embedding space: greedy farthest-point (max-min) selection on
+cosine distance. Iteration 0 picks the token farthest from its nearest neighbour (the 2nd smallest entry of
+its distance column, the smallest being itself); every later iteration picks the token whose minimum distance
+to the picked set is largest. `argmax` takes the first index on ties, as the reference.
+
+The distance matrix is symmetrised so that the structural tie at iteration 0 (two mutual nearest neighbours)
+is an exact tie, broken by the lower index. Already-picked tokens are masked out of later iterations: this
+equals the reference whenever the reference returns K distinct tokens (it would otherwise re-pick a token of
+near-zero self-distance, duplicating it), and keeps the static output free of duplicates.
+
+The loop has K fixed iterations over fixed shapes, so it unrolls into a static graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tpc.methods.base import VisionMethod
+from tpc.ops import select_indices
+
+
+def distance_matrix(embeds: Tensor) -> Tensor:
+    """(B, N, D) -> (B, N, N) symmetric cosine distance 1 - cos, computed in float32."""
+    x = embeds.float()
+    unit = x / x.norm(dim=-1, keepdim=True)
+    distance = 1.0 - unit @ unit.transpose(-1, -2)
+    return (distance + distance.transpose(-1, -2)) / 2
+
+
+def greedy_order(embeds: Tensor, keep: int) -> Tensor:
+    """(B, N, D) -> (B, keep) token indices in the order the greedy picks them."""
+    batch, num_tokens, _ = embeds.shape
+    if not 1 <= keep <= num_tokens:
+        raise ValueError(f"keep must be in [1, {num_tokens}], got {keep}")
+    distance = distance_matrix(embeds)
+    rows = torch.arange(batch, device=embeds.device)
+    # iteration 0: distance of each token to its nearest other token (2nd smallest in its column)
+    nearest = torch.topk(distance, 2, dim=-2, largest=False, sorted=True).values[:, 1, :]
+    pick = torch.argmax(nearest, dim=-1)
+    picks = [pick]
+    picked = torch.nn.functional.one_hot(pick, num_tokens).bool()
+    min_distance = distance[rows, pick]  # (B, N): distance of every token to the picked set
+    for _ in range(keep - 1):
+        candidate = torch.where(picked, torch.full_like(min_distance, float("-inf")), min_distance)
+        pick = torch.argmax(candidate, dim=-1)
+        picks.append(pick)
+        picked = picked | torch.nn.functional.one_hot(pick, num_tokens).bool()
+        min_distance = torch.minimum(min_distance, distance[rows, pick])
+    return torch.stack(picks, dim=-1)
+
+
+def priority(embeds: Tensor, keep: int) -> Tensor:
+    """(B, N) priorities whose top-`keep` is the greedy's pick set: keep - rank for picked tokens, 0 elsewhere."""
+    order = greedy_order(embeds, keep)
+    rank_value = torch.arange(keep, 0, -1, device=embeds.device, dtype=torch.float32).expand_as(order)
+    return torch.zeros(embeds.shape[:2], device=embeds.device).scatter(1, order, rank_value)
+
+
+def select(embeds: Tensor, keep: int) -> Tensor:
+    """(B, N, D) embeddings -> (B, keep) kept indices, int64, ascending."""
+    return select_indices(priority(embeds, keep), keep)
+
+
+METHOD = VisionMethod(
+    name="divprune",
+    summary="greedy max-min cosine diversity of the token features",
+    reference="vbdi/divprune @799e2d9, CVPR 2025",
+    priority=lambda signals, keep, params: priority(signals.features, keep),
+)

@@ -1,0 +1,33 @@
+"""Random baseline: a seeded, input-independent choice of K tokens (the control of every evaluation).
+
+The choice is fixed when the model is built (from `seed`), so the exported graph is static and the same
+tokens are kept for every image, in eager PyTorch and in every runtime.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tpc.methods.base import Param, VisionMethod, VisionSignals
+
+
+def priority(num_tokens: int, seed: int = 0) -> Tensor:
+    """(N,) seeded random priorities (a random permutation as float ranks: no ties)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_tokens, generator=generator).to(torch.float32)
+
+
+def _priority_from_signals(signals: VisionSignals, keep: int, params: dict) -> Tensor:
+    batch, num_tokens, _ = signals.features.shape
+    fixed = priority(num_tokens, params["seed"]).to(signals.features.device)
+    return fixed.expand(batch, num_tokens)
+
+
+METHOD = VisionMethod(
+    name="random",
+    summary="seeded random tokens, fixed at build time (control)",
+    reference="control baseline",
+    params=(Param("seed", int, 0, "seed of the token choice"),),
+    priority=_priority_from_signals,
+)

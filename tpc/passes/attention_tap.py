@@ -1,0 +1,98 @@
+"""Model pass: attention taps that compute only the reductions a method consumes.
+
+Research code asks the model for `output_attentions=True`: every layer falls back to eager attention and
+materialises its (B, H, N, N) probabilities. HiPrune needs two numbers per patch from two layers. A tap is a
+transformers attention function (registered as `tpc_tap` in `AttentionInterface`, so it sees Q and K after
+every model-specific transform) that, for the tapped layers only, computes the layer output and the attention
+received per key from the same softmax, block of query rows by block of query rows, so the full matrix never
+exists. Every untapped layer keeps the fused SDPA kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+TAP_IMPLEMENTATION = "tpc_tap"
+# A block of query rows holds at most this many attention probabilities (float32) at once.
+DEFAULT_BLOCK_ELEMENTS = 16 * 1024 * 1024
+
+
+class ReceivedAttention:
+    """Tap: mean over heads and over all query rows of softmax(QK^T * scale), per key -> (B, N_keys).
+
+    Equal to `attn.mean(1).mean(1)` of the eager attention map (HiPrune's "attention received").
+    `value` holds the last forward's result; the pruned model reads it right after the layer ran.
+    """
+
+    def __init__(self, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> None:
+        self.block_elements = block_elements
+        self.value: Tensor | None = None
+
+    def rows_per_block(self, batch: int, heads: int, queries: int, keys: int) -> int:
+        return max(1, min(queries, self.block_elements // max(1, batch * heads * keys)))
+
+    def __call__(
+        self,
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        scaling: float,
+    ) -> tuple[Tensor, None]:
+        batch, heads, queries, _ = query.shape
+        keys = key.shape[-2]
+        block = self.rows_per_block(batch, heads, queries, keys)
+        key_t = key.transpose(-1, -2)
+        outputs = []
+        received = query.new_zeros((batch, keys), dtype=torch.float32)
+        for start in range(0, queries, block):
+            logits = torch.matmul(query[:, :, start : start + block], key_t) * scaling
+            if attention_mask is not None:
+                logits = logits + attention_mask[:, :, start : start + block, :]
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            outputs.append(torch.matmul(probs.to(value.dtype), value))
+            received = received + probs.sum(dim=(1, 2))
+        self.value = received / (heads * queries)
+        return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _tap_or_sdpa(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[Tensor, Tensor | None]:
+    tap: ReceivedAttention | None = getattr(module, "tpc_tap", None)
+    if tap is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    return tap(module, query, key, value, attention_mask, scaling if scaling is not None else query.shape[-1] ** -0.5)
+
+
+AttentionInterface.register(TAP_IMPLEMENTATION, _tap_or_sdpa)
+
+
+def insert_received_attention_taps(
+    attention_modules: Mapping[int, nn.Module], block_elements: int = DEFAULT_BLOCK_ELEMENTS
+) -> dict[int, ReceivedAttention]:
+    """Attach a tap to each given attention module (keyed by layer) and route the model through `tpc_tap`.
+
+    The attention config is shared by every layer of the tower, so untapped layers go through the same
+    dispatcher and land on SDPA.
+    """
+    taps = {}
+    for layer, attention in attention_modules.items():
+        attention.config._attn_implementation = TAP_IMPLEMENTATION
+        attention.tpc_tap = taps[layer] = ReceivedAttention(block_elements)
+    return taps

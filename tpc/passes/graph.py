@@ -1,0 +1,15 @@
+"""Graph passes on an `ExportedProgram`, run after `torch.export` and before a target serialises it."""
+
+from __future__ import annotations
+
+from torch.export import ExportedProgram
+
+from tpc.ops import decompositions
+
+
+def lower_tpc_ops(program: ExportedProgram) -> ExportedProgram:
+    """Replace tpc's custom ops by their ATen decompositions (TopK + ascending TopK + Gather; no sort).
+
+    Targets without a dedicated kernel for the op (ONNX Runtime, ExecuTorch portable kernels) run this.
+    """
+    return program.run_decompositions(decompositions())

@@ -1,0 +1,168 @@
+"""From a request (model, method, keep, params) to a pruned eager module: the step every command shares.
+
+`export`, `verify`, `inspect` and the Python API all build through `build`, so the module that is exported is
+the module that verification compares against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tpc.errors import UsageError
+from tpc.methods import REGISTRY, VisionMethod, get_method, hiprune
+from tpc.models_zoo import ModelSource, resolve
+from tpc.passes.prune_vision import INPUT_NAMES, OUTPUT_NAMES, PrunedVisionEncoder
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PruneRequest:
+    """Everything that determines a pruned graph (and so its static shapes)."""
+
+    model: str
+    method: str
+    keep: int | None
+    params: Mapping[str, str] = field(default_factory=dict)
+    dtype: str = "fp32"
+    batch: int = 1
+
+
+@dataclass
+class Pruned:
+    """A built request: the eager module, what it was built from, and its I/O signature."""
+
+    request: PruneRequest
+    source: ModelSource
+    method: VisionMethod
+    keep: int
+    params: dict[str, Any]
+    module: nn.Module
+    input_names: tuple[str, ...] = INPUT_NAMES
+    output_names: tuple[str, ...] = OUTPUT_NAMES
+
+    def example_inputs(self, seed: int = 0) -> dict[str, Tensor]:
+        """Seeded inputs of the export's static shapes (standard-normal pixels, as after CLIP normalisation)."""
+        geometry = self.source.geometry
+        shape = (self.request.batch, geometry.channels, geometry.image_size, geometry.image_size)
+        generator = torch.Generator().manual_seed(seed)
+        pixels = torch.randn(shape, generator=generator).to(DTYPES[self.request.dtype])
+        return {"pixel_values": pixels}
+
+
+def _model_defaults(source: ModelSource, feature_layer: int) -> dict[str, Any]:
+    """Parameters whose defaults come from the model (layer indices scale with the encoder's depth)."""
+    depth = source.geometry.num_layers
+    return {
+        "object_layer": hiprune.default_object_layer(depth),
+        "deep_layer": feature_layer,
+    }
+
+
+def _check_layer(name: str, value: int, depth: int) -> None:
+    if not 1 <= value <= depth:
+        raise UsageError(f"--param {name}={value} is outside the encoder's layers 1..{depth}")
+
+
+def _vision_method(name: str, family: str) -> VisionMethod:
+    method = get_method(name)
+    if not isinstance(method, VisionMethod):
+        usable = sorted(n for n, m in REGISTRY.items() if isinstance(m, VisionMethod))
+        raise UsageError(
+            f"method '{name}' prunes at the {method.stage} stage, which {family} vision encoders do not have; "
+            f"methods for {family}: {', '.join(usable)}"
+        )
+    return method
+
+
+def split_params(given: Mapping[str, str]) -> tuple[dict[str, str], int | None]:
+    """Separate the model-level `feature_layer` from the method's parameters."""
+    rest = dict(given)
+    feature_layer = rest.pop("feature_layer", None)
+    if feature_layer is None:
+        return rest, None
+    try:
+        return rest, int(feature_layer)
+    except ValueError:
+        raise UsageError(f"--param feature_layer={feature_layer}: expected an integer layer (1-based)") from None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request, before any weights are loaded: what `inspect` shows and `build` builds."""
+
+    request: PruneRequest
+    source: ModelSource
+    method: VisionMethod
+    keep: int
+    feature_layer: int
+    method_params: dict[str, Any]
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"feature_layer": self.feature_layer, **self.method_params}
+
+    @property
+    def tapped_layers(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.method.tapped_layers(self.method_params))))
+
+    @property
+    def depth(self) -> int:
+        """Encoder layers the pruned graph runs."""
+        return max(self.feature_layer, *self.tapped_layers)
+
+
+def plan(request: PruneRequest) -> Plan:
+    """Resolve and validate every part of the request; one clear UsageError for the first bad part."""
+    if request.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype '{request.dtype}'; valid: {', '.join(DTYPES)}")
+    if request.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {request.batch}")
+    source = resolve(request.model)
+    method = _vision_method(request.method, source.adapter.family)
+    geometry = source.geometry
+    method_params, feature_layer = split_params(request.params)
+    # LLaVA's default: the penultimate layer's output (vision_feature_layer = -2)
+    feature_layer = feature_layer if feature_layer is not None else max(1, geometry.num_layers - 1)
+    _check_layer("feature_layer", feature_layer, geometry.num_layers)
+    params = method.resolve_params(method_params, _model_defaults(source, feature_layer))
+    for name in ("object_layer", "deep_layer"):
+        if name in params:
+            _check_layer(name, params[name], geometry.num_layers)
+    keep = _resolve_keep(request.keep, method, geometry.num_patches)
+    _check_budget(keep, params)
+    return Plan(request, source, method, keep, feature_layer, params)
+
+
+def build(request: PruneRequest) -> Pruned:
+    """Plan, load the model through `from_pretrained`, insert taps and the prune point."""
+    the_plan = plan(request)
+    source = the_plan.source
+    model = source.adapter.load(source.path).to(DTYPES[request.dtype])
+    module = PrunedVisionEncoder(
+        model, source.adapter, the_plan.method, the_plan.keep, the_plan.method_params, the_plan.feature_layer
+    ).eval()
+    return Pruned(request, source, the_plan.method, the_plan.keep, the_plan.params, module)
+
+
+def _resolve_keep(keep: int | None, method: VisionMethod, num_tokens: int) -> int:
+    if not method.prunes:
+        return num_tokens
+    if keep is None:
+        raise UsageError(f"--keep is required for method '{method.name}' (1..{num_tokens} tokens)")
+    if not 1 <= keep <= num_tokens:
+        raise UsageError(f"--keep {keep} is out of range: the encoder has {num_tokens} patch tokens (use 1..{num_tokens})")
+    return keep
+
+
+def _check_budget(keep: int, params: dict[str, Any]) -> None:
+    if "alpha" in params and 5 * hiprune.anchor_count(keep, params["alpha"]) > keep:
+        raise UsageError(
+            f"--param alpha={params['alpha']} is too large for --keep {keep}: anchors and their buffers could "
+            "exceed the budget; lower alpha"
+        )

@@ -1,0 +1,10 @@
+"""Runtimes, one module each: load an artifact, run it, time it."""
+
+from __future__ import annotations
+
+from tpc.runtimes.base import Runtime
+from tpc.runtimes.onnxruntime import OnnxRuntime
+
+RUNTIMES: dict[str, type[Runtime]] = {r.name: r for r in (OnnxRuntime,)}
+
+__all__ = ["RUNTIMES", "OnnxRuntime", "Runtime"]
