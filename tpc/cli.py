@@ -168,18 +168,26 @@ def inspect(
         keep = max(1, resolve(model).geometry.num_patches // 4)
     plan = describe(PruneRequest(model, method, keep, _parse_params(param or []), "fp32", batch))
     g = plan["geometry"]
-    out.print(f"[bold]{plan['model']}[/bold] ({plan['family']}): {g['layers']} layers, d={g['hidden_size']}, "
-              f"{g['heads']} heads, {g['image_size']}px / {g['patch_size']} -> {g['grid'][0]}x{g['grid'][1]} patches"
-              f" + {g['prefix_tokens']} prefix")
+    out.print(
+        f"[bold]{plan['model']}[/bold] ({plan['family']}): {g['layers']} layers, d={g['hidden_size']}, "
+        f"{g['heads']} heads, {g['image_size']}px / {g['patch_size']} -> {g['grid'][0]}x{g['grid'][1]} patches"
+        f" + {g['prefix_tokens']} prefix"
+    )
     out.print(f"method {plan['method']}, params {plan['params']}")
     for tap in plan["taps"]:
-        out.print(f"  tap layer {tap['layer']}: {tap['reduction']}; {tap['rows_per_block']} query rows per block, "
-                  f"{tap['block_bytes'] / 2**20:.1f} MiB per block")
+        out.print(
+            f"  tap layer {tap['layer']}: {tap['reduction']}; {tap['rows_per_block']} query rows per block, "
+            f"{tap['block_bytes'] / 2**20:.1f} MiB per block"
+        )
     out.print(f"  (output_attentions=True would hold {plan['output_attentions_bytes'] / 2**20:.1f} MiB of maps)")
     out.print(f"prune point: {plan['prune_point']}; runs {plan['layers_run']} of {g['layers']} layers")
     tokens, flops = plan["tokens"], plan["flops"]
-    out.print(f"tokens: {tokens['before']} -> {tokens['after']} ({plan['downstream_token_ratio']:.1%} handed downstream)")
-    out.print(f"encoder GFLOPs: {flops['encoder_full'] / 1e9:.3f} full -> {flops['pruned_graph'] / 1e9:.3f} pruned graph")
+    out.print(
+        f"tokens: {tokens['before']} -> {tokens['after']} ({plan['downstream_token_ratio']:.1%} handed downstream)"
+    )
+    out.print(
+        f"encoder GFLOPs: {flops['encoder_full'] / 1e9:.3f} full -> {flops['pruned_graph'] / 1e9:.3f} pruned graph"
+    )
     _write_json(json_path, plan)
 
 

@@ -156,7 +156,9 @@ def _resolve_keep(keep: int | None, method: VisionMethod, num_tokens: int) -> in
     if keep is None:
         raise UsageError(f"--keep is required for method '{method.name}' (1..{num_tokens} tokens)")
     if not 1 <= keep <= num_tokens:
-        raise UsageError(f"--keep {keep} is out of range: the encoder has {num_tokens} patch tokens (use 1..{num_tokens})")
+        raise UsageError(
+            f"--keep {keep} is out of range: the encoder has {num_tokens} patch tokens (use 1..{num_tokens})"
+        )
     return keep
 
 

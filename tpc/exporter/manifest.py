@@ -68,7 +68,9 @@ class Manifest:
         except json.JSONDecodeError as err:
             raise UsageError(f"'{path}' is not valid JSON ({err.msg} at line {err.lineno})") from None
         if data.get("format_version") != FORMAT_VERSION:
-            raise UsageError(f"'{path}' has format version {data.get('format_version')}; this tpc reads {FORMAT_VERSION}")
+            raise UsageError(
+                f"'{path}' has format version {data.get('format_version')}; this tpc reads {FORMAT_VERSION}"
+            )
         data["inputs"] = [TensorSpec(**spec) for spec in data["inputs"]]
         data["outputs"] = [TensorSpec(**spec) for spec in data["outputs"]]
         return cls(**data)

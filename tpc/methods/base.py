@@ -33,9 +33,7 @@ class Param:
                 return text.lower() in ("1", "true", "yes")
             return self.type(text)
         except ValueError:
-            raise UsageError(
-                f"--param {self.name}={text}: expected {self.type.__name__} ({self.help})"
-            ) from None
+            raise UsageError(f"--param {self.name}={text}: expected {self.type.__name__} ({self.help})") from None
 
 
 @dataclass(frozen=True)

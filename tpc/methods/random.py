@@ -6,6 +6,7 @@ tokens are kept for every image, in eager PyTorch and in every runtime.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -13,9 +14,12 @@ from tpc.methods.base import Param, VisionMethod, VisionSignals
 
 
 def priority(num_tokens: int, seed: int = 0) -> Tensor:
-    """(N,) seeded random priorities (a random permutation as float ranks: no ties)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(num_tokens, generator=generator).to(torch.float32)
+    """(N,) seeded random priorities (a random permutation as float ranks: no ties).
+
+    Drawn on the host (numpy's PCG64), so tracing records a constant, not a random op.
+    """
+    permutation = np.random.default_rng(seed).permutation(num_tokens)
+    return torch.tensor(permutation.tolist(), dtype=torch.float32)
 
 
 def _priority_from_signals(signals: VisionSignals, keep: int, params: dict) -> Tensor:

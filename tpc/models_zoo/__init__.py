@@ -17,7 +17,12 @@ from tpc.models_zoo.zoo import ZOO, ZooEntry, materialize
 FAMILIES: dict[str, VisionEncoderAdapter] = {a.family: a for a in (ClipAdapter(), SiglipAdapter())}
 _BY_MODEL_TYPE = {t: a for a in FAMILIES.values() for t in a.model_types}
 ZOO_PREFIX = "zoo:"
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def adapter_for_family(family: str) -> VisionEncoderAdapter:
@@ -26,16 +31,22 @@ def adapter_for_family(family: str) -> VisionEncoderAdapter:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A resolved MODEL argument: what the user wrote, the local directory, its family, its config."""
+    """A resolved MODEL argument: what the user wrote, its family, its config, where its weights are."""
 
     ref: str
-    path: Path
     adapter: VisionEncoderAdapter
     config: PretrainedConfig
+    user_dir: Path | None = None  # a user's local model directory
+    zoo_entry: ZooEntry | None = None  # or a built-in model, saved on first use
 
     @property
     def geometry(self) -> VisionGeometry:
         return self.adapter.geometry(self.config)
+
+    @property
+    def path(self) -> Path:
+        """The local directory `from_pretrained` loads (a zoo model is built and saved the first time)."""
+        return self.user_dir if self.zoo_entry is None else materialize(self.zoo_entry)
 
 
 def _supported() -> str:
@@ -45,7 +56,9 @@ def _supported() -> str:
 def _check_local_dir(path: Path) -> str:
     """Return the directory's model_type, or raise one clear line about what is missing."""
     if not path.exists():
-        raise UsageError(f"model directory '{path}' does not exist (pass a local Hugging Face model directory or zoo:NAME)")
+        raise UsageError(
+            f"model directory '{path}' does not exist (pass a local Hugging Face model directory or zoo:NAME)"
+        )
     if not path.is_dir():
         raise UsageError(f"'{path}' is a file; pass the model directory that holds config.json and the weights")
     config_file = path / "config.json"
@@ -66,17 +79,17 @@ def _check_local_dir(path: Path) -> str:
 
 
 def resolve(ref: str) -> ModelSource:
-    """`zoo:NAME` or a local directory -> ModelSource (builds the zoo entry on first use)."""
+    """`zoo:NAME` or a local directory -> ModelSource. Reads configs only; weights load later."""
     if ref.startswith(ZOO_PREFIX):
         name = ref[len(ZOO_PREFIX) :]
         if name not in ZOO:
             raise unknown_name("zoo model", name, ZOO, "see `tpc zoo`")
-        path = materialize(ZOO[name])
-    else:
-        path = Path(ref).expanduser().resolve()
+        entry = ZOO[name]
+        return ModelSource(ref, adapter_for_family(entry.family), entry.make_config(), zoo_entry=entry)
+    path = Path(ref).expanduser().resolve()
     model_type = _check_local_dir(path)
     config = AutoConfig.from_pretrained(str(path))
-    return ModelSource(ref=ref, path=path, adapter=_BY_MODEL_TYPE[model_type], config=config)
+    return ModelSource(ref, _BY_MODEL_TYPE[model_type], config, user_dir=path)
 
 
 __all__ = ["FAMILIES", "ZOO", "ModelSource", "VisionEncoderAdapter", "VisionGeometry", "ZooEntry", "resolve"]

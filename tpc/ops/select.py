@@ -20,8 +20,7 @@ import torch
 from torch import Tensor
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Finite in float64, below every float32/float16/bfloat16 value: where -inf goes so that NaN can rank below it.
-_BELOW_EVERY_FLOAT32 = 2.0 * float(torch.finfo(torch.float32).min)
+_FLOAT32_MIN = float(torch.finfo(torch.float32).min)
 
 
 def check_select_args(scores: Tensor, tokens: Tensor, k: int) -> None:
@@ -42,7 +41,10 @@ def check_select_args(scores: Tensor, tokens: Tensor, k: int) -> None:
 def ranking_key(scores: Tensor) -> Tensor:
     """float64 key with NaN < -inf < finite < +inf; order-preserving for every non-NaN float32 score."""
     key = scores.to(torch.float64)
-    key = torch.where(key == float("-inf"), torch.full_like(key, _BELOW_EVERY_FLOAT32), key)
+    # 2 * float32.min: finite in float64, below every float32 value. Built by a float64 multiply because the
+    # ONNX exporter stores a fill value as float32, where the product itself would overflow to -inf.
+    below_every_float32 = torch.full_like(key, _FLOAT32_MIN) * 2.0
+    key = torch.where(key == float("-inf"), below_every_float32, key)
     return torch.where(torch.isnan(key), torch.full_like(key, float("-inf")), key)
 
 

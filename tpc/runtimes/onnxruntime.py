@@ -33,8 +33,10 @@ def force_tensors(model: object, outputs: tuple[str, ...]) -> tuple[object, dict
     feeds = {}
     for name in outputs:
         tensor = _producer_tensor(graph, name)
-        producer = next(node for node in graph.node if tensor in node.output)
-        if len(producer.output) > 1:  # keep the node's other outputs alive under fresh names
+        producer = next((node for node in graph.node if tensor in node.output), None)
+        if producer is None:  # a constant (e.g. the unpruned baseline's indices): the input replaces it
+            graph.initializer.remove(next(init for init in graph.initializer if init.name == tensor))
+        elif len(producer.output) > 1:  # keep the node's other outputs alive under fresh names
             producer.output[list(producer.output).index(tensor)] = f"{tensor}__unforced"
         else:
             graph.node.remove(producer)

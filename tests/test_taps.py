@@ -1,0 +1,59 @@
+"""Attention taps give exactly the eager-attention reductions, without `output_attentions`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CLIPVisionModel, SiglipVisionModel
+
+from tpc.methods import hiprune
+from tpc.passes.attention_tap import ReceivedAttention
+from tpc.pipeline import PruneRequest, build
+
+
+@pytest.mark.parametrize(
+    ("model", "model_class", "prefix"),
+    [
+        ("zoo:tiny-clip", CLIPVisionModel, 1),
+        ("zoo:tiny-siglip", SiglipVisionModel, 0),
+    ],
+)
+def test_tapped_scores_equal_eager_attention_scores(model: str, model_class: type, prefix: int) -> None:
+    pruned = build(PruneRequest(model, "hiprune", 32, {"object_layer": "1", "deep_layer": "3"}))
+    pixels = pruned.example_inputs(seed=3)["pixel_values"]
+    eager = model_class.from_pretrained(str(pruned.source.path), attn_implementation="eager").eval()
+    with torch.no_grad():
+        kept_features, kept_indices = pruned.module(pixels)
+        reference = eager(pixels, output_attentions=True, output_hidden_states=True)
+    for layer in (1, 3):
+        expected = hiprune.scores(reference.attentions[layer - 1], prefix_tokens=prefix)
+        torch.testing.assert_close(pruned.module.taps[layer].value[:, prefix:], expected, rtol=1e-5, atol=1e-7)
+    # and the whole selection equals HiPrune on the eager maps
+    expected_kept = hiprune.select(
+        hiprune.scores(reference.attentions[0], prefix), hiprune.scores(reference.attentions[2], prefix), 32, (16, 16)
+    )
+    assert torch.equal(kept_indices, expected_kept)
+    features = reference.hidden_states[3][:, prefix:]
+    torch.testing.assert_close(kept_features, features[0][kept_indices[0]][None], rtol=1e-4, atol=1e-4)
+
+
+def test_only_tapped_layers_leave_sdpa() -> None:
+    pruned = build(PruneRequest("zoo:tiny-clip", "hiprune", 16))
+    layers = pruned.module.model.encoder.layers
+    tapped = [i + 1 for i, layer in enumerate(layers) if getattr(layer.self_attn, "tpc_tap", None) is not None]
+    assert tapped == [pruned.params["object_layer"], pruned.params["deep_layer"]]
+    assert pruned.module.model.config._attn_implementation == "tpc_tap"  # dispatcher: taps, else SDPA
+
+
+def test_blockwise_reduction_equals_single_block() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 50, 8) for _ in range(3))
+    whole, blocked = ReceivedAttention(), ReceivedAttention(block_elements=2 * 4 * 50 * 7)  # 7 rows per block
+    assert blocked.rows_per_block(2, 4, 50, 50) == 7
+    out_whole, _ = whole(None, q, k, v, None, 8**-0.5)
+    out_blocked, _ = blocked(None, q, k, v, None, 8**-0.5)
+    torch.testing.assert_close(out_blocked, out_whole)
+    torch.testing.assert_close(blocked.value, whole.value)
+    probs = torch.softmax(q @ k.transpose(-1, -2) * 8**-0.5, dim=-1)
+    torch.testing.assert_close(whole.value, probs.mean(1).mean(1))
+    torch.testing.assert_close(out_whole, (probs @ v).transpose(1, 2))
