@@ -13,10 +13,13 @@ Approaches (the zoo's random-init `zoo:clip-vit-l-336`, 577 tokens, d=1024):
   tpc        the PrunedVisionEncoder built by `tpc.pipeline.build` (taps + SDPA + token selection);
   sdpa       CLIPVisionModel with SDPA attention and no attentions returned (all 24 layers).
 
-Each (approach, batch) runs in a fresh spawned process. `from_pretrained` memory-maps the safetensors file, so
-weights become resident only when first read: the child reads every parameter once, takes VmRSS as the
-baseline, resets the peak (`/proc/self/clear_refs` <- 5, Linux >= 4.0) and reports VmHWM - baseline over one
-warmup forward and the timed ones, i.e. the activation and attention memory of a forward alone.
+Time: per batch size, one process loads all three side by side, warms each up once, then runs `--repeats`
+rounds with the approaches in rotating order, so load from anything else on the machine falls on all of them
+alike and the ratios stay fair; each approach reports the median. Memory: each (approach, batch) gets a fresh
+spawned process. `from_pretrained` memory-maps the safetensors file, so weights become resident only when first
+read: the child reads every parameter once, takes VmRSS as the baseline, resets the peak (`/proc/self/clear_refs`
+<- 5, Linux >= 4.0) and reports VmHWM - baseline over one forward: the activation and attention memory alone.
+Its scores are the ones checked against the reference (atol 1e-6).
 
 Run: `make bench-taps` (writes benchmarks/results/attention_tap.{json,png}).
 """
@@ -35,6 +38,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import torch
@@ -62,12 +66,13 @@ Forward = Callable[[Tensor], list[Tensor]]
 
 @dataclass
 class Measurement:
-    """One (approach, batch) configuration, measured in its own process."""
+    """One (approach, batch) configuration: interleaved wall times, and peak memory from its own process."""
 
     approach: str
     batch: int
     times_ms: list[float]
     median_ms: float
+    min_ms: float
     baseline_rss_mib: float
     peak_increase_mib: float
 
@@ -88,54 +93,80 @@ def _reset_peak_rss() -> None:
         clear_refs.write("5")
 
 
-def _make_forward(approach: str, layers: tuple[int, ...]) -> tuple[nn.Module, Forward]:
-    """The loaded model and a forward that returns the per-layer scores (B, N_patches), or none for `sdpa`."""
+def _pixels(batch: int) -> Tensor:
+    return torch.randn((batch, 3, 336, 336), generator=torch.Generator().manual_seed(SEED))
+
+
+def _load(approach: str, layers: tuple[int, ...]) -> Forward:
+    """Load one approach's model with its weights resident; its forward returns the per-layer scores (B, N_patches).
+
+    `sdpa` returns no scores: it is the floor, a forward that computes none.
+    """
     if approach == "tpc":
         module = build(REQUEST).module
 
-        def tapped(pixels: Tensor) -> list[Tensor]:
+        def forward(pixels: Tensor) -> list[Tensor]:
             module(pixels)
             return [module.taps[layer].value[:, module.geometry.prefix_tokens :] for layer in layers]
 
-        return module, tapped
-    path = resolve(MODEL).path
-    if approach == "reference":
-        model = CLIPVisionModel.from_pretrained(path, attn_implementation="eager").eval()
+        model: nn.Module = module
+    elif approach == "reference":
+        model = CLIPVisionModel.from_pretrained(resolve(MODEL).path, attn_implementation="eager").eval()
 
-        def eager(pixels: Tensor) -> list[Tensor]:
+        def forward(pixels: Tensor) -> list[Tensor]:
             attentions = model(pixel_values=pixels, output_attentions=True).attentions
             return [hiprune.scores(attentions[layer - 1]) for layer in layers]
 
-        return model, eager
-    model = CLIPVisionModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    else:
+        model = CLIPVisionModel.from_pretrained(resolve(MODEL).path, attn_implementation="sdpa").eval()
 
-    def fused(pixels: Tensor) -> list[Tensor]:
-        model(pixel_values=pixels)
-        return []
+        def forward(pixels: Tensor) -> list[Tensor]:
+            model(pixel_values=pixels)
+            return []
 
-    return model, fused
+    for parameter in model.parameters():  # page the memory-mapped weights in before any measurement
+        parameter.sum()
+    return forward
 
 
-def measure(approach: str, batch: int, repeats: int, layers: tuple[int, ...]) -> tuple[Measurement, list[Tensor]]:
-    """Child process: load, make the weights resident, then one warmup and `repeats` timed forwards."""
+def peak_memory(approach: str, batch: int, layers: tuple[int, ...]) -> tuple[float, float, list[Tensor]]:
+    """Fresh child process: (baseline VmRSS, VmHWM - baseline over one forward, the forward's scores)."""
     torch.set_num_threads(THREADS)
-    pixels = torch.randn((batch, 3, 336, 336), generator=torch.Generator().manual_seed(SEED))
+    pixels = _pixels(batch)
     with torch.inference_mode():
-        model, forward = _make_forward(approach, layers)
-        for parameter in model.parameters():
-            parameter.sum()
+        forward = _load(approach, layers)
         gc.collect()
         baseline = _status_mib("VmRSS")
         _reset_peak_rss()
-        forward(pixels)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            scores = forward(pixels)
-            times.append((time.perf_counter() - start) * 1000)
-        peak = _status_mib("VmHWM")
-    result = Measurement(approach, batch, times, statistics.median(times), baseline, peak - baseline)
-    return result, [s.clone() for s in scores]
+        scores = [s.clone() for s in forward(pixels)]
+        return baseline, _status_mib("VmHWM") - baseline, scores
+
+
+def wall_times(batch: int, repeats: int, layers: tuple[int, ...]) -> dict[str, list[float]]:
+    """Child process: all approaches loaded side by side, one warmup each, then `repeats` rounds in rotating order.
+
+    Interleaving spreads whatever else the machine is doing over every approach alike, so the ratios hold.
+    """
+    torch.set_num_threads(THREADS)
+    pixels = _pixels(batch)
+    times: dict[str, list[float]] = {approach: [] for approach in APPROACHES}
+    with torch.inference_mode():
+        forwards = {approach: _load(approach, layers) for approach in APPROACHES}
+        for forward in forwards.values():
+            forward(pixels)
+        for round_ in range(repeats):
+            shift = round_ % len(APPROACHES)
+            for approach in APPROACHES[shift:] + APPROACHES[:shift]:
+                start = time.perf_counter()
+                forwards[approach](pixels)
+                times[approach].append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def in_fresh_process(function: Callable[..., Any], *args: object) -> Any:
+    """Run `function(*args)` in a newly spawned interpreter and return its result."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
 
 
 def machine() -> dict[str, object]:
@@ -211,15 +242,19 @@ def main() -> None:
     layers = plan(REQUEST).tapped_layers
     measurements: list[Measurement] = []
     scores: dict[tuple[str, int], list[Tensor]] = {}
+    load_average = os.getloadavg()[0]
     started = time.perf_counter()
     for batch in args.batches:
+        times = in_fresh_process(wall_times, batch, args.repeats, layers)
         for approach in APPROACHES:
-            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-                result, scores[approach, batch] = pool.submit(measure, approach, batch, args.repeats, layers).result()
-            measurements.append(result)
+            baseline, peak, scores[approach, batch] = in_fresh_process(peak_memory, approach, batch, layers)
+            median = statistics.median(times[approach])
+            measurements.append(
+                Measurement(approach, batch, times[approach], median, min(times[approach]), baseline, peak)
+            )
             print(
-                f"batch {batch} {approach:>9}: median {result.median_ms:8.0f} ms, "
-                f"peak +{result.peak_increase_mib:7.1f} MiB (baseline {result.baseline_rss_mib:.0f} MiB)",
+                f"batch {batch} {approach:>9}: median {median:8.0f} ms (min {min(times[approach]):.0f}), "
+                f"peak +{peak:7.1f} MiB (baseline {baseline:.0f} MiB)",
                 flush=True,
             )
 
@@ -237,7 +272,9 @@ def main() -> None:
         "tapped_layers": list(layers),
         "repeats": args.repeats,
         "warmup": 1,
-        "machine": machine(),
+        "timing": "one process per batch, approaches interleaved in rotating order; median of the repeats",
+        "memory": "one fresh process per (approach, batch): VmHWM - VmRSS over one forward, weights resident",
+        "machine": {**machine(), "load_average_1min_at_start": load_average},
         "measurements": [asdict(m) for m in measurements],
         "ratios": {str(batch): ratios(by_key, batch) for batch in args.batches},
         "scores_check": {

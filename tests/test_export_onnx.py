@@ -179,3 +179,17 @@ def test_static_shape_checker_rejects_data_dependent_graphs() -> None:
     topk = helper.make_node("TopK", ["x", "k"], ["v", "i"], name="dynamic_topk")
     with pytest.raises(StaticShapeError, match="dynamic_topk"):
         check_static_graph(helper.make_model(helper.make_graph([topk], "g", [x, k], [values, indices])))
+
+
+def test_fp16_export_verifies_with_scaled_tolerance(tmp_path: Path) -> None:
+    out = tmp_path / "fp16"
+    assert (
+        main(
+            ["export", "zoo:tiny-clip", "--method", "hiprune", "--keep", "40", "--dtype", "fp16", "--output", str(out)]
+        )
+        == 0
+    )
+    manifest = json.loads((out / "tpc.json").read_text())
+    assert manifest["inputs"][0]["dtype"] == "float16" and manifest["outputs"][0]["dtype"] == "float16"
+    assert manifest["verification"]["atol_scaled_by_max"] is True
+    assert manifest["verification"]["kept_rows_agreeing"] == manifest["verification"]["kept_rows"]

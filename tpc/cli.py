@@ -59,7 +59,8 @@ def _write_json(path: Path | None, data: dict[str, Any]) -> None:
 
 
 def _render_verify(report: Any) -> None:
-    table = Table(title=f"verify: {report.runtime}, {report.samples} samples (atol {report.atol}, rtol {report.rtol})")
+    atol = f"{report.atol} x max|eager|" if report.atol_scaled_by_max else f"{report.atol}"
+    table = Table(title=f"verify: {report.runtime}, {report.samples} samples (atol {atol}, rtol {report.rtol})")
     for column in ("check", "max abs", "max rel", "ok"):
         table.add_column(column)
     agree = report.kept_rows_agreeing == report.kept_rows
