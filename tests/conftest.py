@@ -26,7 +26,7 @@ def golden_dir() -> Path:
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """exported(model, method, keep, **options) -> export directory, built once per distinct request."""
-    from tpc.export import export
+    from tpc.exporting import export
     from tpc.pipeline import PruneRequest
 
     cache: dict[tuple, Path] = {}

@@ -17,7 +17,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, 
 
 from tpc.cli import main
 from tpc.exporter.onnx import StaticShapeError, check_static_graph
-from tpc.verify import verify
+from tpc.verification import verify
 
 VISION_METHODS = ["hiprune", "divprune", "random", "uniform"]
 

@@ -11,11 +11,11 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from tpc import verify as verify_module
+from tpc import verification as verify_module
 from tpc.cli import main
-from tpc.export import VerificationFailed, export
+from tpc.exporting import VerificationFailed, export
 from tpc.pipeline import PruneRequest
-from tpc.verify import verify
+from tpc.verification import verify
 
 
 def _copy(exported: Callable[..., Path], tmp_path: Path) -> Path:

@@ -1,3 +1,73 @@
-"""tpc: the token-pruning compiler."""
+"""tpc, the token-pruning compiler: keep K visual tokens chosen by a published method, export, verify, profile.
+
+The four entry points mirror the CLI. Heavy imports (torch, transformers, onnx) happen on first call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from tpc.exporting import ExportResult
+    from tpc.pipeline import PruneRequest
+    from tpc.profiling import ProfileReport
+    from tpc.verification import VerifyReport
 
 __version__ = "0.1.0"
+
+
+def _request(
+    model: str, method: str, keep: int | None, params: dict[str, Any] | None, dtype: str, batch: int
+) -> PruneRequest:
+    from tpc.pipeline import PruneRequest
+
+    return PruneRequest(model, method, keep, {k: str(v) for k, v in (params or {}).items()}, dtype, batch)
+
+
+def prune(
+    model: str, method: str, keep: int | None = None, params: dict[str, Any] | None = None, dtype: str = "fp32"
+) -> nn.Module:
+    """The pruned eager module: `module(pixel_values) -> (kept_features, kept_indices)`."""
+    from tpc.pipeline import build
+
+    return build(_request(model, method, keep, params, dtype, 1)).module
+
+
+def export(
+    model: str,
+    method: str,
+    keep: int | None,
+    output: str | Path,
+    target: str = "onnx",
+    params: dict[str, Any] | None = None,
+    dtype: str = "fp32",
+    batch: int = 1,
+    force: bool = False,
+    verify: bool = True,
+) -> ExportResult:
+    """Export and (by default) verify; raises `tpc.exporting.VerificationFailed` on a mismatch."""
+    from tpc.exporting import export as run_export
+
+    return run_export(_request(model, method, keep, params, dtype, batch), target, Path(output), force, verify)
+
+
+def verify(directory: str | Path, samples: int = 4, inputs: str | Path | None = None) -> VerifyReport:
+    """Compare an export, run in its runtime, with the eager pruned model."""
+    from tpc.verification import verify as run_verify
+
+    return run_verify(Path(directory), samples, Path(inputs) if inputs is not None else None)
+
+
+def profile(
+    directory: str | Path, runs: int = 50, warmup: int = 5, baseline: str | Path | None = None
+) -> ProfileReport:
+    """Latency of an export in its runtime, side by side with a baseline export if given."""
+    from tpc.profiling import profile as run_profile
+
+    return run_profile(Path(directory), runs, warmup, Path(baseline) if baseline is not None else None)
+
+
+__all__ = ["__version__", "export", "profile", "prune", "verify"]

@@ -92,7 +92,7 @@ def export(
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip the eager-vs-export check")] = False,
 ) -> None:
     """Prune MODEL to KEEP visual tokens with METHOD, export it for TARGET, and verify it against eager."""
-    from tpc.export import export as run_export
+    from tpc.exporting import export as run_export
     from tpc.pipeline import PruneRequest
     from tpc.progress import rich_steps
 
@@ -115,7 +115,7 @@ def verify(
 ) -> None:
     """Run the export in its runtime and compare with eager PyTorch; exit 1 if they differ."""
     from tpc.progress import rich_steps
-    from tpc.verify import verify as run_verify
+    from tpc.verification import verify as run_verify
 
     report = run_verify(directory, samples, inputs, step=rich_steps(err))
     _render_verify(report)
@@ -133,7 +133,7 @@ def profile(
     json_path: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON")] = None,
 ) -> None:
     """Latency of an export in its runtime (median, p90), and the speedup over a baseline export."""
-    from tpc.profile import profile as run_profile
+    from tpc.profiling import profile as run_profile
 
     report = run_profile(directory, runs, warmup, baseline)
     table = Table(title=f"profile: {report.runtime} on {report.machine}")
@@ -225,7 +225,7 @@ def zoo() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: usage problems -> `error: ...` on one line and exit 2; a failed verification -> exit 1."""
-    from tpc.export import VerificationFailed
+    from tpc.exporting import VerificationFailed
 
     _quiet_libraries()
     try:

@@ -23,7 +23,7 @@ from tpc.exporter.manifest import Manifest, TensorSpec, write_samples
 from tpc.pipeline import Pruned, PruneRequest, build
 from tpc.progress import Step, silent
 from tpc.runtimes import RUNTIMES
-from tpc.verify import VerifyReport, eager_outputs, verify
+from tpc.verification import VerifyReport, eager_outputs, verify
 
 
 class VerificationFailed(Exception):
