@@ -179,3 +179,18 @@ def test_baselines_are_static_and_seeded() -> None:
     assert torch.equal(random.priority(100, seed=1), random.priority(100, seed=1))
     assert not torch.equal(random.priority(100, seed=1), random.priority(100, seed=2))
     assert sorted(random.priority(100, seed=1).tolist()) == list(range(100))  # a permutation: no ties
+
+
+def test_functional_apis_accept_unbatched_inputs_and_numpy() -> None:
+    rng = np.random.default_rng(11)
+    obj, deep = attention_like_scores(rng, 576), attention_like_scores(rng, 576)
+    kept = hiprune.select(obj, deep, 64, 24)  # numpy (N,) in, (keep,) out
+    assert kept.shape == (64,)
+    np.testing.assert_array_equal(kept.numpy(), reference_hiprune(obj, deep, 64, 24))
+    attn = torch.softmax(torch.randn(4, 17, 17), dim=-1)
+    torch.testing.assert_close(hiprune.scores(attn), hiprune.scores(attn[None])[0])
+    embeds = rng.standard_normal((50, 8)).astype(np.float32)
+    assert divprune.select(embeds, 5).shape == (5,)
+    assert divprune.greedy_order(embeds, 5).tolist() == reference_divprune_order(embeds, 5)
+    with pytest.raises(ValueError, match="batched"):
+        hiprune.select(torch.rand(2, 3, 64), torch.rand(2, 3, 64), 8, 8)

@@ -11,9 +11,26 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from tpc.errors import UsageError, unknown_name
+
+
+def as_batched(value: Any, batched_dims: int) -> tuple[Tensor, bool]:
+    """Accept a tensor or array with or without its batch dimension; return it batched + whether it was not.
+
+    The functional APIs are specified on batched tensors; a single image's vector is accepted too and the
+    result is returned without the batch dimension again.
+    """
+    tensor = torch.as_tensor(value)
+    if tensor.dim() == batched_dims - 1:
+        return tensor.unsqueeze(0), True
+    if tensor.dim() != batched_dims:
+        raise ValueError(
+            f"expected a {batched_dims}-d batched (or {batched_dims - 1}-d) input, got {tuple(tensor.shape)}"
+        )
+    return tensor, False
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tpc.methods.base import Param, VisionMethod, VisionSignals
+from tpc.methods.base import Param, VisionMethod, VisionSignals, as_batched
 from tpc.ops import select_indices
 
 DEFAULT_ALPHA = 0.1
@@ -26,8 +26,11 @@ def scores(attn: Tensor, prefix_tokens: int = 1) -> Tensor:
     """(B, H, N, N) attention probabilities -> (B, N - prefix) attention received per patch.
 
     Mean over heads, then over all query rows (CLS row included), prefix columns dropped: §1.3.
+    (H, N, N) gives (N - prefix,).
     """
-    return attn.mean(dim=1).mean(dim=1)[:, prefix_tokens:]
+    attn, unbatched = as_batched(attn, 4)
+    received = attn.mean(dim=1).mean(dim=1)[:, prefix_tokens:]
+    return received[0] if unbatched else received
 
 
 def anchor_count(keep: int, alpha: float = DEFAULT_ALPHA) -> int:
@@ -72,8 +75,14 @@ def priority(
 def select(
     score_object: Tensor, score_deep: Tensor, keep: int, grid: int | tuple[int, int], alpha: float = DEFAULT_ALPHA
 ) -> Tensor:
-    """(B, N) object and deep scores -> (B, keep) kept patch indices, int64, ascending (§1.4, §1.8)."""
-    return select_indices(priority(score_object, score_deep, keep, grid, alpha), keep)
+    """(B, N) object and deep scores -> (B, keep) kept patch indices, int64, ascending (§1.4, §1.8).
+
+    (N,) vectors give (keep,).
+    """
+    score_object, unbatched = as_batched(score_object, 2)
+    score_deep, _ = as_batched(score_deep, 2)
+    kept = select_indices(priority(score_object, score_deep, keep, grid, alpha), keep)
+    return kept[0] if unbatched else kept
 
 
 # --- Qwen2.5-VL (§1.6) -------------------------------------------------------------------------------------
@@ -112,11 +121,8 @@ def qwen_select(
     keeps fewer tokens and this fills the freed slots with the next-best deep tokens outside the
     anchor/buffer set. Takes (n,) or (B, n) vectors; returns the same rank.
     """
-    squeeze = shallow.dim() == 1
-    shallow_b, deep_b = (shallow[None], deep[None]) if squeeze else (shallow, deep)
-    keep = qwen_budget(deep_b.shape[-1], retain)
-    kept = select(shallow_b, deep_b, keep, _qwen_width(grid_thw), alpha)
-    return kept[0] if squeeze else kept
+    deep = torch.as_tensor(deep)
+    return select(shallow, deep, qwen_budget(deep.shape[-1], retain), _qwen_width(grid_thw), alpha)
 
 
 def qwen_select_reference(
@@ -131,6 +137,7 @@ def qwen_select_reference(
     `deep - mask` does not exclude anchor/buffer tokens (deep values are column sums, often > 1), so a token
     can be picked twice and the result has N' - #duplicates unique tokens. Ties: value desc, index asc.
     """
+    shallow, deep = torch.as_tensor(shallow), torch.as_tensor(deep)
     n = deep.shape[-1]
     keep = qwen_budget(n, retain)
     height, width = _qwen_width(grid_thw)
