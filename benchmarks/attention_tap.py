@@ -274,7 +274,7 @@ def main() -> None:
         "warmup": 1,
         "timing": "one process per batch, approaches interleaved in rotating order; median of the repeats",
         "memory": "one fresh process per (approach, batch): VmHWM - VmRSS over one forward, weights resident",
-        "machine": {**machine(), "load_average_1min_at_start": load_average},
+        "machine": {**machine(), "load_average_1min": {"start": load_average, "end": os.getloadavg()[0]}},
         "measurements": [asdict(m) for m in measurements],
         "ratios": {str(batch): ratios(by_key, batch) for batch in args.batches},
         "scores_check": {

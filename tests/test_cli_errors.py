@@ -34,7 +34,10 @@ CASES = [
     (["--method", "hiprune", "--keep", "8", "--param", "beta=1"], "unknown parameter for method hiprune 'beta'"),
     (["--method", "hiprune", "--keep", "8", "--param", "alpha=high"], "--param alpha=high: expected float"),
     (["--method", "hiprune", "--keep", "8", "--param", "deep_layer=7"], "outside the encoder's layers 1..4"),
-    (["--method", "hiprune", "--keep", "4", "--param", "alpha=1"], "too large for --keep 4"),
+    (
+        ["--method", "hiprune", "--keep", "4", "--param", "alpha=1"],
+        "--keep 4 with method hiprune: alpha=1.0 gives 1 anchor(s)",
+    ),
     (["--method", "hiprune", "--keep", "8", "--dtype", "int8"], "unknown dtype 'int8'"),
     (["--method", "hiprune", "--keep", "8", "--target", "executorch"], "target 'executorch' is not available"),
     (["--method", "hiprune", "--keep", "8", "--prompt-len", "32"], "--prompt-len applies to VLM and VLA"),

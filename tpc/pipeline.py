@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from tpc.errors import UsageError
-from tpc.methods import REGISTRY, VisionMethod, get_method, hiprune
+from tpc.methods import REGISTRY, VisionMethod, get_method
 from tpc.models_zoo import ModelSource, resolve
 from tpc.passes.prune_vision import INPUT_NAMES, OUTPUT_NAMES, PrunedVisionEncoder
 
@@ -53,15 +53,6 @@ class Pruned:
         generator = torch.Generator().manual_seed(seed)
         pixels = torch.randn(shape, generator=generator).to(DTYPES[self.request.dtype])
         return {"pixel_values": pixels}
-
-
-def _model_defaults(source: ModelSource, feature_layer: int) -> dict[str, Any]:
-    """Parameters whose defaults come from the model (layer indices scale with the encoder's depth)."""
-    depth = source.geometry.num_layers
-    return {
-        "object_layer": hiprune.default_object_layer(depth),
-        "deep_layer": feature_layer,
-    }
 
 
 def _check_layer(name: str, value: int, depth: int) -> None:
@@ -130,12 +121,15 @@ def plan(request: PruneRequest) -> Plan:
     # LLaVA's default: the penultimate layer's output (vision_feature_layer = -2)
     feature_layer = feature_layer if feature_layer is not None else max(1, geometry.num_layers - 1)
     _check_layer("feature_layer", feature_layer, geometry.num_layers)
-    params = method.resolve_params(method_params, _model_defaults(source, feature_layer))
-    for name in ("object_layer", "deep_layer"):
-        if name in params:
-            _check_layer(name, params[name], geometry.num_layers)
+    params = method.resolve_params(method_params, method.model_defaults(geometry.num_layers, feature_layer))
+    for param in method.params:
+        if param.is_layer:
+            _check_layer(param.name, params[param.name], geometry.num_layers)
     keep = _resolve_keep(request.keep, method, geometry.num_patches)
-    _check_budget(keep, params)
+    try:
+        method.check_budget(keep, params)
+    except ValueError as error:
+        raise UsageError(f"--keep {keep} with method {method.name}: {error}") from None
     return Plan(request, source, method, keep, feature_layer, params)
 
 
@@ -160,11 +154,3 @@ def _resolve_keep(keep: int | None, method: VisionMethod, num_tokens: int) -> in
             f"--keep {keep} is out of range: the encoder has {num_tokens} patch tokens (use 1..{num_tokens})"
         )
     return keep
-
-
-def _check_budget(keep: int, params: dict[str, Any]) -> None:
-    if "alpha" in params and 5 * hiprune.anchor_count(keep, params["alpha"]) > keep:
-        raise UsageError(
-            f"--param alpha={params['alpha']} is too large for --keep {keep}: anchors and their buffers could "
-            "exceed the budget; lower alpha"
-        )

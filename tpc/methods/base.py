@@ -41,6 +41,7 @@ class Param:
     type: type
     default: Any
     help: str
+    is_layer: bool = False  # a 1-based encoder layer: validated against the model's depth
 
     def parse(self, text: str) -> Any:
         try:
@@ -72,6 +73,10 @@ class VisionMethod:
     priority: Callable[[VisionSignals, int, dict], Tensor]
     params: tuple[Param, ...] = ()
     tapped_layers: Callable[[dict], tuple[int, ...]] = field(default=lambda params: ())
+    # defaults that depend on the model: (encoder depth, feature layer) -> {param: value}
+    model_defaults: Callable[[int, int], dict[str, Any]] = field(default=lambda depth, feature_layer: {})
+    # raises ValueError when a budget and parameters cannot work together
+    check_budget: Callable[[int, dict], None] = field(default=lambda keep, params: None)
     stage: str = "vision"
     prunes: bool = True
 

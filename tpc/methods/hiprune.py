@@ -45,16 +45,22 @@ def _grid_width(grid: int | tuple[int, int], num_tokens: int) -> int:
     return width
 
 
+def check_budget(keep: int, alpha: float) -> None:
+    """The reference fails (negative top-k) when anchors + buffers outgrow the budget; refuse such configs."""
+    k_a = anchor_count(keep, alpha)
+    if 5 * k_a > keep:
+        raise ValueError(
+            f"alpha={alpha} gives {k_a} anchor(s), whose {5 * k_a} anchor+buffer slots can exceed keep={keep}; "
+            "lower alpha or raise keep"
+        )
+
+
 def anchor_buffer_mask(score_object: Tensor, keep: int, grid: int | tuple[int, int], alpha: float) -> Tensor:
     """(B, N) bool: the anchors and their raster neighbours a-1, a+1, a-w, a+w (clamped, duplicates merged)."""
     batch, num_tokens = score_object.shape
     width = _grid_width(grid, num_tokens)
+    check_budget(keep, alpha)
     k_a = anchor_count(keep, alpha)
-    if 5 * k_a > keep:
-        raise ValueError(
-            f"alpha={alpha} gives {k_a} anchors, whose {5 * k_a} anchor+buffer slots can exceed keep={keep}; "
-            "lower alpha or raise keep"
-        )
     if k_a == 0:  # the reference's topk(k=0): no anchors, pure deep-layer selection
         return torch.zeros_like(score_object, dtype=torch.bool)
     anchors = select_indices(score_object, k_a)
@@ -174,9 +180,14 @@ METHOD = VisionMethod(
     reference="Danielement321/HiPrune @6e83a12, arXiv 2508.00553",
     params=(
         Param("alpha", float, DEFAULT_ALPHA, "share of the budget for anchors + buffers (k_a = round(keep*alpha/5))"),
-        Param("object_layer", int, None, "1-based encoder layer of the anchor attention (default: 9 of 24, scaled)"),
-        Param("deep_layer", int, None, "1-based encoder layer of the register attention (default: the feature layer)"),
+        Param("object_layer", int, None, "encoder layer of the anchor attention (default: 9 of 24, scaled)", True),
+        Param("deep_layer", int, None, "encoder layer of the register attention (default: the feature layer)", True),
     ),
     tapped_layers=lambda params: (params["object_layer"], params["deep_layer"]),
+    model_defaults=lambda depth, feature_layer: {
+        "object_layer": default_object_layer(depth),
+        "deep_layer": feature_layer,
+    },
+    check_budget=lambda keep, params: check_budget(keep, params["alpha"]),
     priority=_priority_from_signals,
 )
