@@ -180,7 +180,7 @@ def inspect(
             f"  tap layer {tap['layer']}: {tap['reduction']}; {tap['rows_per_block']} query rows per block, "
             f"{tap['block_bytes'] / 2**20:.1f} MiB per block"
         )
-    out.print(f"  (output_attentions=True would hold {plan['output_attentions_bytes'] / 2**20:.1f} MiB of maps)")
+    out.print(f"  (asking for output_attentions would hold {plan['output_attentions_bytes'] / 2**20:.1f} MiB of maps)")
     out.print(f"prune point: {plan['prune_point']}; runs {plan['layers_run']} of {g['layers']} layers")
     tokens, flops = plan["tokens"], plan["flops"]
     out.print(

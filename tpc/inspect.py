@@ -1,6 +1,6 @@
 """`tpc inspect`: the plan of a pruned export, computed from the config alone (no weights are loaded).
 
-Shows what will be tapped and what it costs next to `output_attentions=True`, where the prune point is, and
+Shows what will be tapped and what it costs next to asking for `output_attentions`, where the prune point is, and
 tokens and FLOPs before and after, so a user can check a budget before spending an export on it.
 """
 

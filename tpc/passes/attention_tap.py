@@ -1,6 +1,6 @@
 """Model pass: attention taps that compute only the reductions a method consumes.
 
-Research code asks the model for `output_attentions=True`: every layer falls back to eager attention and
+Research code asks the model for `output_attentions`: every layer falls back to eager attention and
 materialises its (B, H, N, N) probabilities. HiPrune needs two numbers per patch from two layers. A tap is a
 transformers attention function (registered as `tpc_tap` in `AttentionInterface`, so it sees Q and K after
 every model-specific transform) that, for the tapped layers only, computes the layer output and the attention
