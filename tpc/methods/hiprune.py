@@ -109,7 +109,7 @@ def qwen_budget(num_image_tokens: int, retain: float) -> int:
     return round(num_image_tokens * retain)
 
 
-def _qwen_width(grid_thw: tuple[int, int, int] | Tensor, merge_size: int = 2) -> tuple[int, int]:
+def _qwen_merged_grid(grid_thw: tuple[int, int, int] | Tensor, merge_size: int = 2) -> tuple[int, int]:
     t, h, w = (int(v) for v in grid_thw)
     return t * (h // merge_size), w // merge_size
 
@@ -128,7 +128,7 @@ def qwen_select(
     anchor/buffer set. Takes (n,) or (B, n) vectors; returns the same rank.
     """
     deep = torch.as_tensor(deep)
-    return select(shallow, deep, qwen_budget(deep.shape[-1], retain), _qwen_width(grid_thw), alpha)
+    return select(shallow, deep, qwen_budget(deep.shape[-1], retain), _qwen_merged_grid(grid_thw), alpha)
 
 
 def qwen_select_reference(
@@ -146,7 +146,7 @@ def qwen_select_reference(
     shallow, deep = torch.as_tensor(shallow), torch.as_tensor(deep)
     n = deep.shape[-1]
     keep = qwen_budget(n, retain)
-    height, width = _qwen_width(grid_thw)
+    height, width = _qwen_merged_grid(grid_thw)
     mask = anchor_buffer_mask(shallow[None], keep, (height, width), alpha)[0]
     n_deep = keep - int(mask.sum())
     adjusted = deep - mask.to(deep.dtype)
