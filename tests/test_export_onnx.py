@@ -42,14 +42,13 @@ STANDALONE_ORT = textwrap.dedent(
 )
 
 
+def cli_export(model: str, out: Path, *options: str) -> int:
+    return main(["export", model, "--output", str(out), *options])
+
+
 def test_cli_export_then_separate_process_reproduces_expected(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert (
-        main(
-            ["export", "zoo:tiny-clip", "--method", "hiprune", "--keep", "16", "--target", "onnx", "--output", str(out)]
-        )
-        == 0
-    )
+    assert cli_export("zoo:tiny-clip", out, "--method", "hiprune", "--keep", "16", "--target", "onnx") == 0
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "samples", "tpc.json"]
     manifest = json.loads((out / "tpc.json").read_text())
     assert manifest["verification"]["passed"] is True
@@ -122,7 +121,7 @@ def test_user_model_directory_not_in_zoo(tmp_path: Path, config: object, model_c
     torch.manual_seed(1)
     directory = _save_local(tmp_path, model_class(config))
     out = tmp_path / "out"
-    assert main(["export", str(directory), "--method", "hiprune", "--keep", "20", "--output", str(out)]) == 0
+    assert cli_export(str(directory), out, "--method", "hiprune", "--keep", "20") == 0
     manifest = json.loads((out / "tpc.json").read_text())
     grid = config.image_size // config.patch_size
     assert manifest["tokens"]["grid"] == [grid, grid] and manifest["tokens"]["before"] == grid * grid
@@ -145,7 +144,7 @@ def test_full_clip_checkpoint_directory_loads_its_vision_tower(tmp_path: Path) -
     torch.manual_seed(0)
     directory = _save_local(tmp_path, CLIPModel(CLIPConfig(vision_config=vision, text_config=text)))
     out = tmp_path / "out"
-    assert main(["export", str(directory), "--method", "uniform", "--keep", "16", "--output", str(out)]) == 0
+    assert cli_export(str(directory), out, "--method", "uniform", "--keep", "16") == 0
     assert json.loads((out / "tpc.json").read_text())["tokens"] == {
         "before": 64,
         "after": 16,
@@ -183,12 +182,7 @@ def test_static_shape_checker_rejects_data_dependent_graphs() -> None:
 
 def test_fp16_export_verifies_with_scaled_tolerance(tmp_path: Path) -> None:
     out = tmp_path / "fp16"
-    assert (
-        main(
-            ["export", "zoo:tiny-clip", "--method", "hiprune", "--keep", "40", "--dtype", "fp16", "--output", str(out)]
-        )
-        == 0
-    )
+    assert cli_export("zoo:tiny-clip", out, "--method", "hiprune", "--keep", "40", "--dtype", "fp16") == 0
     manifest = json.loads((out / "tpc.json").read_text())
     assert manifest["inputs"][0]["dtype"] == "float16" and manifest["outputs"][0]["dtype"] == "float16"
     assert manifest["verification"]["atol_scaled_by_max"] is True

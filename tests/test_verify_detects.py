@@ -55,7 +55,9 @@ def test_corrupted_weights_are_diagnosed_as_a_computation_difference(exported, t
 
 
 def test_export_fails_and_writes_nothing_when_verification_fails(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setitem(verify_module.TOLERANCES, "fp32", (0.0, 0.0))  # demand bit-exact floats: ORT is not
+    monkeypatch.setitem(
+        verify_module.TOLERANCES, "fp32", verify_module.Tolerance(0.0, 0.0)
+    )  # demand bit-exact floats: ORT is not
     out = tmp_path / "out"
     with pytest.raises(VerificationFailed) as failure:
         export(PruneRequest("zoo:tiny-clip", "uniform", 16), "onnx", out, samples=1)

@@ -154,7 +154,7 @@ def profile(
 def inspect(
     model: Annotated[str, typer.Argument(help="local Hugging Face model directory, or zoo:NAME")],
     method: Annotated[str, typer.Option(help="pruning method")] = "hiprune",
-    keep: Annotated[int | None, typer.Option(help="number of visual tokens to keep")] = None,
+    keep: Annotated[int | None, typer.Option(help="visual tokens to keep (default: a quarter of them)")] = None,
     param: Annotated[list[str] | None, typer.Option(help="NAME=VALUE (repeatable)")] = None,
     batch: Annotated[int, typer.Option(help="batch size")] = 1,
     json_path: Annotated[Path | None, typer.Option("--json", help="also write the plan as JSON")] = None,
@@ -163,10 +163,6 @@ def inspect(
     from tpc.inspect import describe
     from tpc.pipeline import PruneRequest
 
-    if keep is None and method != "none":
-        from tpc.models_zoo import resolve
-
-        keep = max(1, resolve(model).geometry.num_patches // 4)
     plan = describe(PruneRequest(model, method, keep, _parse_params(param or []), "fp32", batch))
     g = plan["geometry"]
     out.print(

@@ -18,11 +18,10 @@ import transformers
 
 import tpc
 from tpc.errors import UsageError
-from tpc.exporter import get_target
+from tpc.exporter import get_target, runtime_for
 from tpc.exporter.manifest import Manifest, TensorSpec, write_samples
 from tpc.pipeline import Pruned, PruneRequest, build
 from tpc.progress import Step, silent
-from tpc.runtimes import RUNTIMES
 from tpc.verification import VerifyReport, eager_outputs, verify
 
 
@@ -62,7 +61,7 @@ def _commit(staging: Path, output: Path) -> None:
 def _manifest(pruned: Pruned, target_name: str, artifact: str, graph: dict, samples: tuple[dict, dict]) -> Manifest:
     inputs, expected = samples
     geometry = pruned.source.geometry
-    runtime = RUNTIMES[get_target(target_name).runtime]
+    runtime = runtime_for(target_name)
     return Manifest(
         model={
             "ref": pruned.source.ref,

@@ -6,8 +6,10 @@ tokens and FLOPs before and after, so a user can check a budget before spending 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
+from tpc.models_zoo import resolve
 from tpc.passes.attention_tap import ReceivedAttention
 from tpc.pipeline import Plan, PruneRequest, plan
 
@@ -15,8 +17,12 @@ FLOAT32_BYTES = 4
 
 
 def describe(request: PruneRequest) -> dict[str, Any]:
-    """The plan as plain data (the CLI renders it; `--json` writes it)."""
-    the_plan: Plan = plan(request)
+    """The plan as plain data (the CLI renders it; `--json` writes it). Without a keep, plans a quarter of the
+    patch tokens, so a user can see the plan before choosing a budget."""
+    source = resolve(request.model)
+    if request.keep is None:
+        request = replace(request, keep=max(1, source.geometry.num_patches // 4))
+    the_plan: Plan = plan(request, source)
     geometry = the_plan.source.geometry
     batch, heads, seq = request.batch, geometry.num_heads, geometry.sequence_length
     tap = ReceivedAttention()

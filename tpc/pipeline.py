@@ -105,16 +105,19 @@ class Plan:
     @property
     def depth(self) -> int:
         """Encoder layers the pruned graph runs."""
-        return max(self.feature_layer, *self.tapped_layers)
+        return max((self.feature_layer, *self.tapped_layers))
 
 
-def plan(request: PruneRequest) -> Plan:
-    """Resolve and validate every part of the request; one clear UsageError for the first bad part."""
+def plan(request: PruneRequest, source: ModelSource | None = None) -> Plan:
+    """Resolve and validate every part of the request; one clear UsageError for the first bad part.
+
+    `source`: the request's model, if the caller resolved it already.
+    """
     if request.dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{request.dtype}'; valid: {', '.join(DTYPES)}")
     if request.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {request.batch}")
-    source = resolve(request.model)
+    source = source or resolve(request.model)
     method = _vision_method(request.method, source.adapter.family)
     geometry = source.geometry
     method_params, feature_layer = split_params(request.params)
@@ -138,9 +141,7 @@ def build(request: PruneRequest) -> Pruned:
     the_plan = plan(request)
     source = the_plan.source
     model = source.adapter.load(source.path).to(DTYPES[request.dtype])
-    module = PrunedVisionEncoder(
-        model, source.adapter, the_plan.method, the_plan.keep, the_plan.method_params, the_plan.feature_layer
-    ).eval()
+    module = PrunedVisionEncoder(model, the_plan).eval()
     return Pruned(request, source, the_plan.method, the_plan.keep, the_plan.params, module)
 
 

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from tpc.errors import UsageError
-from tpc.exporter import get_target
+from tpc.exporter import runtime_for
 from tpc.exporter.manifest import INPUTS_FILE, Manifest, read_samples
-from tpc.runtimes import RUNTIMES, Runtime
+from tpc.runtimes import Runtime
 
 
 @dataclass
@@ -51,9 +51,7 @@ class ProfileReport:
 
 def _open(directory: Path) -> tuple[Runtime, dict[str, np.ndarray], str]:
     manifest = Manifest.read(directory)
-    target = get_target(manifest.target)
-    target.check_installed()
-    runtime = RUNTIMES[target.runtime]
+    runtime = runtime_for(manifest.target)
     return runtime.load(directory / manifest.artifact), read_samples(directory, INPUTS_FILE), runtime.name
 
 

@@ -23,14 +23,20 @@ import numpy as np
 import torch
 
 from tpc.errors import UsageError
-from tpc.exporter import get_target
+from tpc.exporter import runtime_for
 from tpc.exporter.manifest import INPUTS_FILE, Manifest, read_samples
 from tpc.pipeline import Pruned, PruneRequest, build
 from tpc.progress import Step, silent
-from tpc.runtimes import RUNTIMES
 
-TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (4e-3, 1e-2)}  # (atol, rtol)
-SCALED_ATOL = {"fp32": False, "fp16": True}  # atol multiplies max|eager output|
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+    atol_scaled_by_max: bool = False  # atol multiplies max|eager output|
+
+
+TOLERANCES = {"fp32": Tolerance(1e-4, 1e-3), "fp16": Tolerance(4e-3, 1e-2, atol_scaled_by_max=True)}
 INDEX_OUTPUT = "kept_indices"
 
 
@@ -41,15 +47,14 @@ class Diff:
     passed: bool
 
     @classmethod
-    def of(cls, got: np.ndarray, want: np.ndarray, atol: float, rtol: float, scaled: bool = False) -> Diff:
+    def of(cls, got: np.ndarray, want: np.ndarray, tolerance: Tolerance) -> Diff:
         got64, want64 = got.astype(np.float64), want.astype(np.float64)
         error = np.abs(got64 - want64)
-        if scaled:
-            atol *= float(np.abs(want64).max(initial=1.0))
+        atol = tolerance.atol * (float(np.abs(want64).max(initial=1.0)) if tolerance.atol_scaled_by_max else 1.0)
         return cls(
             max_abs=float(error.max(initial=0.0)),
             max_rel=float((error / np.maximum(np.abs(want64), 1e-12)).max(initial=0.0)),
-            passed=bool(np.all(error <= atol + rtol * np.abs(want64))),
+            passed=bool(np.all(error <= atol + tolerance.rtol * np.abs(want64))),
         )
 
     def worst(self, other: Diff | None) -> Diff:
@@ -137,9 +142,7 @@ def verify(
     manifest = Manifest.read(directory)
     if samples < 1:
         raise UsageError(f"--samples must be at least 1, got {samples}")
-    target = get_target(manifest.target)
-    target.check_installed()
-    runtime = RUNTIMES[target.runtime]
+    runtime = runtime_for(manifest.target)
     if pruned is None:
         with step("load eager model"):
             pruned = build(request_from_manifest(manifest))
@@ -153,9 +156,10 @@ def verify(
             seeded = pruned.example_inputs(seed=manifest.sample_seed + i)
             sample_inputs.append({name: t.numpy() for name, t in seeded.items()})
 
-    atol, rtol = TOLERANCES[manifest.dtype]
-    scaled = SCALED_ATOL[manifest.dtype]
-    report = VerifyReport(True, runtime.name, len(sample_inputs), atol, rtol, scaled, 0, 0)
+    tolerance = TOLERANCES[manifest.dtype]
+    report = VerifyReport(
+        True, runtime.name, len(sample_inputs), tolerance.atol, tolerance.rtol, tolerance.atol_scaled_by_max, 0, 0
+    )
     with step(f"verify {len(sample_inputs)} samples in {runtime.name}"):
         for inputs in sample_inputs:
             want = eager_outputs(pruned, inputs)
@@ -167,12 +171,10 @@ def verify(
             for name in pruned.output_names:
                 if name == INDEX_OUTPUT:
                     continue
-                forced_diff = Diff.of(teacher[name], want[name], atol, rtol, scaled)
+                forced_diff = Diff.of(teacher[name], want[name], tolerance)
                 report.teacher_forced[name] = forced_diff.worst(report.teacher_forced.get(name))
                 if rows_equal.all():
-                    report.outputs[name] = Diff.of(got[name], want[name], atol, rtol, scaled).worst(
-                        report.outputs.get(name)
-                    )
+                    report.outputs[name] = Diff.of(got[name], want[name], tolerance).worst(report.outputs.get(name))
     report.passed = (
         report.kept_rows_agreeing == report.kept_rows
         and all(d.passed for d in report.outputs.values())

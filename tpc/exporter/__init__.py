@@ -5,6 +5,7 @@ from __future__ import annotations
 from tpc.errors import UsageError, unknown_name
 from tpc.exporter.base import Target
 from tpc.exporter.onnx import OnnxTarget
+from tpc.runtimes import RUNTIMES, Runtime
 
 TARGETS: dict[str, Target] = {t.name: t for t in (OnnxTarget(),)}
 # Named in the product's CLI, not built yet: saying so beats "unknown target".
@@ -21,4 +22,11 @@ def get_target(name: str) -> Target:
     return TARGETS[name]
 
 
-__all__ = ["TARGETS", "Target", "get_target"]
+def runtime_for(target_name: str) -> type[Runtime]:
+    """The runtime that runs a target's artifact; a clear error if the target's extra is not installed."""
+    target = get_target(target_name)
+    target.check_installed()
+    return RUNTIMES[target.runtime]
+
+
+__all__ = ["TARGETS", "Target", "get_target", "runtime_for"]

@@ -7,30 +7,44 @@ select op (`tpc.ops.select_tokens`) turns priorities into the K kept tokens, so 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from tpc.errors import UsageError, unknown_name
 
+F = TypeVar("F", bound=Callable[..., Tensor])
 
-def as_batched(value: Any, batched_dims: int) -> tuple[Tensor, bool]:
-    """Accept a tensor or array with or without its batch dimension; return it batched + whether it was not.
 
-    The functional APIs are specified on batched tensors; a single image's vector is accepted too and the
-    result is returned without the batch dimension again.
+def accepts_unbatched(batched_dims: int, tensor_args: int = 1) -> Callable[[F], F]:
+    """Let a functional API, specified on batched tensors, also take one image's tensors (or numpy arrays).
+
+    The first `tensor_args` positional arguments are converted with `torch.as_tensor`; if the first one lacks
+    its batch dimension, all of them get one, and the result is returned without it again.
     """
-    tensor = torch.as_tensor(value)
-    if tensor.dim() == batched_dims - 1:
-        return tensor.unsqueeze(0), True
-    if tensor.dim() != batched_dims:
-        raise ValueError(
-            f"expected a {batched_dims}-d batched (or {batched_dims - 1}-d) input, got {tuple(tensor.shape)}"
-        )
-    return tensor, False
+
+    def decorate(function: F) -> F:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Tensor:
+            tensors = [torch.as_tensor(a) for a in args[:tensor_args]]
+            unbatched = tensors[0].dim() == batched_dims - 1
+            if not unbatched and tensors[0].dim() != batched_dims:
+                raise ValueError(
+                    f"expected a {batched_dims}-d batched (or {batched_dims - 1}-d) input, "
+                    f"got {tuple(tensors[0].shape)}"
+                )
+            if unbatched:
+                tensors = [t.unsqueeze(0) for t in tensors]
+            result = function(*tensors, *args[tensor_args:], **kwargs)
+            return result[0] if unbatched else result
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 @dataclass(frozen=True)

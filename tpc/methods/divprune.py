@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tpc.methods.base import VisionMethod, as_batched
+from tpc.methods.base import VisionMethod, accepts_unbatched
 from tpc.ops import select_indices
 
 
@@ -30,14 +30,9 @@ def distance_matrix(embeds: Tensor) -> Tensor:
     return (distance + distance.transpose(-1, -2)) / 2
 
 
+@accepts_unbatched(batched_dims=3)
 def greedy_order(embeds: Tensor, keep: int) -> Tensor:
     """(B, N, D) -> (B, keep) token indices in the order the greedy picks them; (N, D) -> (keep,)."""
-    embeds, unbatched = as_batched(embeds, 3)
-    order = _greedy_order(embeds, keep)
-    return order[0] if unbatched else order
-
-
-def _greedy_order(embeds: Tensor, keep: int) -> Tensor:
     batch, num_tokens, _ = embeds.shape
     if not 1 <= keep <= num_tokens:
         raise ValueError(f"keep must be in [1, {num_tokens}], got {keep}")
@@ -60,16 +55,15 @@ def _greedy_order(embeds: Tensor, keep: int) -> Tensor:
 
 def priority(embeds: Tensor, keep: int) -> Tensor:
     """(B, N) priorities whose top-`keep` is the greedy's pick set: keep - rank for picked tokens, 0 elsewhere."""
-    order = _greedy_order(embeds, keep)
+    order = greedy_order(embeds, keep)
     rank_value = torch.arange(keep, 0, -1, device=embeds.device, dtype=torch.float32).expand_as(order)
     return torch.zeros(embeds.shape[:2], device=embeds.device).scatter(1, order, rank_value)
 
 
+@accepts_unbatched(batched_dims=3)
 def select(embeds: Tensor, keep: int) -> Tensor:
     """(B, N, D) embeddings -> (B, keep) kept indices, int64, ascending; (N, D) -> (keep,)."""
-    embeds, unbatched = as_batched(embeds, 3)
-    kept = select_indices(priority(embeds, keep), keep)
-    return kept[0] if unbatched else kept
+    return select_indices(priority(embeds, keep), keep)
 
 
 METHOD = VisionMethod(

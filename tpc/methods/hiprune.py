@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tpc.methods.base import Param, VisionMethod, VisionSignals, as_batched
+from tpc.methods.base import Param, VisionMethod, VisionSignals, accepts_unbatched
 from tpc.ops import select_indices
 
 DEFAULT_ALPHA = 0.1
@@ -22,15 +22,14 @@ DEFAULT_ALPHA = 0.1
 REFERENCE_OBJECT_LAYER, REFERENCE_DEPTH = 9, 24
 
 
+@accepts_unbatched(batched_dims=4)
 def scores(attn: Tensor, prefix_tokens: int = 1) -> Tensor:
     """(B, H, N, N) attention probabilities -> (B, N - prefix) attention received per patch.
 
     Mean over heads, then over all query rows (CLS row included), prefix columns dropped: §1.3.
     (H, N, N) gives (N - prefix,).
     """
-    attn, unbatched = as_batched(attn, 4)
-    received = attn.mean(dim=1).mean(dim=1)[:, prefix_tokens:]
-    return received[0] if unbatched else received
+    return attn.mean(dim=1).mean(dim=1)[:, prefix_tokens:]
 
 
 def anchor_count(keep: int, alpha: float = DEFAULT_ALPHA) -> int:
@@ -78,6 +77,7 @@ def priority(
     return torch.where(chosen, torch.full_like(score_deep, float("inf")), score_deep)
 
 
+@accepts_unbatched(batched_dims=2, tensor_args=2)
 def select(
     score_object: Tensor, score_deep: Tensor, keep: int, grid: int | tuple[int, int], alpha: float = DEFAULT_ALPHA
 ) -> Tensor:
@@ -85,10 +85,7 @@ def select(
 
     (N,) vectors give (keep,).
     """
-    score_object, unbatched = as_batched(score_object, 2)
-    score_deep, _ = as_batched(score_deep, 2)
-    kept = select_indices(priority(score_object, score_deep, keep, grid, alpha), keep)
-    return kept[0] if unbatched else kept
+    return select_indices(priority(score_object, score_deep, keep, grid, alpha), keep)
 
 
 # --- Qwen2.5-VL (§1.6) -------------------------------------------------------------------------------------

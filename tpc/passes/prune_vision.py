@@ -7,14 +7,18 @@ after L never run: their output is not what a VLM consumes (LLaVA takes layer -2
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from tpc.methods import VisionMethod, VisionSignals
-from tpc.models_zoo import VisionEncoderAdapter
+from tpc.methods import VisionSignals
 from tpc.ops import gather_tokens, select_tokens
 from tpc.passes.attention_tap import insert_received_attention_taps
+
+if TYPE_CHECKING:
+    from tpc.pipeline import Plan
 
 INPUT_NAMES = ("pixel_values",)
 OUTPUT_NAMES = ("kept_features", "kept_indices")
@@ -23,27 +27,20 @@ OUTPUT_NAMES = ("kept_features", "kept_indices")
 class PrunedVisionEncoder(nn.Module):
     """pixel_values (B, C, H, W) -> kept_features (B, K, D), kept_indices (B, K) int64 ascending."""
 
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        adapter: VisionEncoderAdapter,
-        method: VisionMethod,
-        keep: int,
-        params: dict,
-        feature_layer: int,
-    ) -> None:
+    def __init__(self, model: PreTrainedModel, plan: Plan) -> None:
         super().__init__()
         self.model = model
-        self.adapter = adapter
-        self.method = method
-        self.keep = keep
-        self.params = params
-        self.geometry = adapter.geometry(model.config)
-        self.feature_layer = feature_layer
-        tapped = method.tapped_layers(params)
-        self.depth = max(feature_layer, *tapped) if tapped else feature_layer
-        layers = adapter.layers(model)
-        self.taps = insert_received_attention_taps({n: adapter.attention(layers[n - 1]) for n in tapped})
+        self.adapter = plan.source.adapter
+        self.method = plan.method
+        self.keep = plan.keep
+        self.params = plan.method_params
+        self.geometry = plan.source.geometry
+        self.feature_layer = plan.feature_layer
+        self.depth = plan.depth
+        layers = self.adapter.layers(model)
+        self.taps = insert_received_attention_taps(
+            {n: self.adapter.attention(layers[n - 1]) for n in plan.tapped_layers}
+        )
 
     def forward(self, pixel_values: Tensor, forced_indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`forced_indices` replaces the selection (teacher forcing, to separate a selection flip from drift)."""
