@@ -52,11 +52,13 @@ def test_cli_export_then_separate_process_reproduces_expected(tmp_path: Path) ->
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "samples", "tpc.json"]
     manifest = json.loads((out / "tpc.json").read_text())
     assert manifest["verification"]["passed"] is True
-    assert manifest["outputs"] == [
+    (component,) = manifest["components"]
+    assert component["name"] == "model" and component["artifact"] == "model.onnx"
+    assert component["outputs"] == [
         {"name": "kept_features", "shape": [1, 16, 64], "dtype": "float32"},
         {"name": "kept_indices", "shape": [1, 16], "dtype": "int64"},
     ]
-    assert manifest["inputs"] == [{"name": "pixel_values", "shape": [1, 3, 64, 64], "dtype": "float32"}]
+    assert component["inputs"] == [{"name": "pixel_values", "shape": [1, 3, 64, 64], "dtype": "float32"}]
     assert manifest["method"] == "hiprune" and manifest["keep"] == 16 and manifest["target"] == "onnx"
     assert {"torch", "onnx", "onnxruntime", "transformers", "tpc"} <= set(manifest["versions"])
     result = subprocess.run([sys.executable, "-c", STANDALONE_ORT, str(out)], capture_output=True, text=True)
@@ -150,6 +152,7 @@ def test_full_clip_checkpoint_directory_loads_its_vision_tower(tmp_path: Path) -
         "after": 16,
         "grid": [8, 8],
         "prefix_tokens": 1,
+        "stage": "vision",
     }
 
 
@@ -184,6 +187,7 @@ def test_fp16_export_verifies_with_scaled_tolerance(tmp_path: Path) -> None:
     out = tmp_path / "fp16"
     assert cli_export("zoo:tiny-clip", out, "--method", "hiprune", "--keep", "40", "--dtype", "fp16") == 0
     manifest = json.loads((out / "tpc.json").read_text())
-    assert manifest["inputs"][0]["dtype"] == "float16" and manifest["outputs"][0]["dtype"] == "float16"
+    (component,) = manifest["components"]
+    assert component["inputs"][0]["dtype"] == "float16" and component["outputs"][0]["dtype"] == "float16"
     assert manifest["verification"]["atol_scaled_by_max"] is True
     assert manifest["verification"]["kept_rows_agreeing"] == manifest["verification"]["kept_rows"]

@@ -20,7 +20,7 @@ from tpc.pipeline import PruneRequest, build
 )
 def test_tapped_scores_equal_eager_attention_scores(model: str, model_class: type, prefix: int) -> None:
     pruned = build(PruneRequest(model, "hiprune", 32, {"object_layer": "1", "deep_layer": "3"}))
-    pixels = pruned.example_inputs(seed=3)["pixel_values"]
+    pixels = pruned.samples(seed=3)["model"]["pixel_values"]
     eager = model_class.from_pretrained(str(pruned.source.path), attn_implementation="eager").eval()
     with torch.no_grad():
         kept_features, kept_indices = pruned.module(pixels)

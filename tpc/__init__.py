@@ -20,17 +20,26 @@ __version__ = "0.1.0"
 
 
 def _request(
-    model: str, method: str, keep: int | None, params: dict[str, Any] | None, dtype: str, batch: int
+    model: str,
+    method: str,
+    keep: int | None,
+    params: dict[str, Any] | None,
+    dtype: str,
+    batch: int,
+    prompt_len: int | None = None,
+    max_new_tokens: int | None = None,
 ) -> PruneRequest:
     from tpc.pipeline import PruneRequest
 
-    return PruneRequest(model, method, keep, {k: str(v) for k, v in (params or {}).items()}, dtype, batch)
+    params = {k: str(v) for k, v in (params or {}).items()}
+    return PruneRequest(model, method, keep, params, dtype, batch, prompt_len, max_new_tokens)
 
 
 def prune(
     model: str, method: str, keep: int | None = None, params: dict[str, Any] | None = None, dtype: str = "fp32"
 ) -> nn.Module:
-    """The pruned eager module: `module(pixel_values) -> (kept_features, kept_indices)`."""
+    """The pruned eager module: `module(pixel_values) -> (kept_features, kept_indices)` for an encoder; for a VLM
+    a ModuleDict of its `vision`, `prefill` and `decode` components."""
     from tpc.pipeline import build
 
     return build(_request(model, method, keep, params, dtype, 1)).module
@@ -47,11 +56,16 @@ def export(
     batch: int = 1,
     force: bool = False,
     verify: bool = True,
+    prompt_len: int | None = None,
+    max_new_tokens: int | None = None,
 ) -> ExportResult:
-    """Export and (by default) verify; raises `tpc.exporting.VerificationFailed` on a mismatch."""
+    """Export and (by default) verify; raises `tpc.exporting.VerificationFailed` on a mismatch.
+
+    A VLM export is run with `tpc.runtimes.VLM.load(output).generate(pixel_values, input_ids)`."""
     from tpc.exporting import export as run_export
 
-    return run_export(_request(model, method, keep, params, dtype, batch), target, Path(output), force, verify)
+    request = _request(model, method, keep, params, dtype, batch, prompt_len, max_new_tokens)
+    return run_export(request, target, Path(output), force, verify)
 
 
 def verify(directory: str | Path, samples: int = 4, inputs: str | Path | None = None) -> VerifyReport:

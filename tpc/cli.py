@@ -66,10 +66,24 @@ def _render_verify(report: Any) -> None:
     agree = report.kept_rows_agreeing == report.kept_rows
     table.add_row("kept_indices equal", "", "", f"{report.kept_rows_agreeing}/{report.kept_rows} {_mark(agree)}")
     for prefix, diffs in (("", report.outputs), ("teacher-forced ", report.teacher_forced)):
-        for name, diff in diffs.items():
+        for name, diff in _group_cache(diffs).items():
             table.add_row(f"{prefix}{name}", f"{diff.max_abs:.3g}", f"{diff.max_rel:.3g}", _mark(diff.passed))
+    if report.generation is not None:
+        g = report.generation
+        label = f"greedy generation, {g.new_tokens} tokens x {g.samples} prompts"
+        table.add_row(label, "", "", f"{g.rows_equal}/{g.rows} rows equal {_mark(g.passed)}")
     out.print(table)
     out.print(("[green]PASS[/green] " if report.passed else "[red]FAIL[/red] ") + report.diagnosis)
+
+
+def _group_cache(diffs: dict[str, Any]) -> dict[str, Any]:
+    """One row for a component's whole KV cache (`prefill.present.*`), its worst layer's numbers."""
+    grouped: dict[str, Any] = {}
+    for name, diff in diffs.items():
+        component, dot, _ = name.partition(".present.")
+        key = f"{component}.present.* (KV cache)" if dot else name
+        grouped[key] = diff.worst(grouped.get(key))
+    return grouped
 
 
 def _mark(ok: bool) -> str:
@@ -85,7 +99,12 @@ def export(
     target: Annotated[str, typer.Option(help="onnx | tensorrt | executorch | coreml")] = "onnx",
     param: Annotated[list[str] | None, typer.Option(help="method/model parameter NAME=VALUE (repeatable)")] = None,
     dtype: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
-    prompt_len: Annotated[int | None, typer.Option(help="static prompt length (VLM/VLA models)")] = None,
+    prompt_len: Annotated[
+        int | None, typer.Option(help="VLMs: text tokens of the static prompt (default: the chat template's)")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="VLMs: tokens the static KV cache has room for (default 32)")
+    ] = None,
     batch: Annotated[int, typer.Option(help="static batch size of the exported graph")] = 1,
     samples: Annotated[int, typer.Option(help="inputs compared by the verification")] = 4,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output directory")] = False,
@@ -96,14 +115,17 @@ def export(
     from tpc.pipeline import PruneRequest
     from tpc.progress import rich_steps
 
-    if prompt_len is not None:
-        raise UsageError("--prompt-len applies to VLM and VLA models; vision encoders take no prompt")
-    request = PruneRequest(model, method, keep, _parse_params(param or []), dtype, batch)
+    request = PruneRequest(model, method, keep, _parse_params(param or []), dtype, batch, prompt_len, max_new_tokens)
     result = run_export(request, target, output, force, not no_verify, samples, step=rich_steps(err))
     if result.report is not None:
         _render_verify(result.report)
-    tokens = result.manifest.tokens
-    out.print(f"wrote {result.directory} ({tokens['before']} -> {tokens['after']} visual tokens, {target})")
+    manifest = result.manifest
+    tokens = manifest.tokens
+    parts = ", ".join(c.artifact for c in manifest.components)
+    out.print(
+        f"wrote {result.directory} ({parts}: {tokens['before']} -> {tokens['after']} visual tokens, "
+        f"pruned at the {tokens['stage']} stage, {target})"
+    )
 
 
 @app.command()
@@ -137,13 +159,19 @@ def profile(
 
     report = run_profile(directory, runs, warmup, baseline)
     table = Table(title=f"profile: {report.runtime} on {report.machine}")
-    for column in ("export", "median ms", "p90 ms", "min ms", "runs"):
+    for column in ("export", "graph", "median ms", "p90 ms", "min ms", "runs"):
         table.add_column(column)
-    rows = [(report.directory, report.timing)]
+    headline = "vision + prefill (first token)" if "prefill" in report.components else "model"
+    rows = [(report.directory, headline, report.timing)]
+    if len(report.components) > 1:
+        rows += [(report.directory, name, t) for name, t in report.components.items()]
     if report.baseline is not None:
-        rows.append((f"{report.baseline_directory} (baseline)", report.baseline))
-    for name, t in rows:
-        table.add_row(name, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", f"{t.min_ms:.3f}", str(t.runs))
+        rows.append((f"{report.baseline_directory} (baseline)", headline, report.baseline))
+        if len(report.baseline_components or {}) > 1:
+            base = f"{report.baseline_directory} (baseline)"
+            rows += [(base, name, t) for name, t in (report.baseline_components or {}).items()]
+    for directory, graph, t in rows:
+        table.add_row(directory, graph, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", f"{t.min_ms:.3f}", str(t.runs))
     out.print(table)
     if report.speedup is not None:
         out.print(f"speedup over baseline: {report.speedup:.2f}x (median, measured side by side)")
@@ -157,13 +185,15 @@ def inspect(
     keep: Annotated[int | None, typer.Option(help="visual tokens to keep (default: a quarter of them)")] = None,
     param: Annotated[list[str] | None, typer.Option(help="NAME=VALUE (repeatable)")] = None,
     batch: Annotated[int, typer.Option(help="batch size")] = 1,
+    prompt_len: Annotated[int | None, typer.Option(help="VLMs: text tokens of the static prompt")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="also write the plan as JSON")] = None,
 ) -> None:
     """The plan: taps, prune point, tokens and FLOPs before/after (reads the config only)."""
     from tpc.inspect import describe
     from tpc.pipeline import PruneRequest
 
-    plan = describe(PruneRequest(model, method, keep, _parse_params(param or []), "fp32", batch))
+    request = PruneRequest(model, method, keep, _parse_params(param or []), "fp32", batch, prompt_len)
+    plan = describe(request)
     g = plan["geometry"]
     out.print(
         f"[bold]{plan['model']}[/bold] ({plan['family']}): {g['layers']} layers, d={g['hidden_size']}, "
@@ -176,15 +206,31 @@ def inspect(
             f"  tap layer {tap['layer']}: {tap['reduction']}; {tap['rows_per_block']} query rows per block, "
             f"{tap['block_bytes'] / 2**20:.1f} MiB per block"
         )
-    out.print(f"  (asking for output_attentions would hold {plan['output_attentions_bytes'] / 2**20:.1f} MiB of maps)")
-    out.print(f"prune point: {plan['prune_point']}; runs {plan['layers_run']} of {g['layers']} layers")
+    if plan["taps"]:
+        mib = plan["output_attentions_bytes"] / 2**20
+        out.print(f"  (asking for output_attentions would hold {mib:.1f} MiB of maps)")
+    out.print(f"prune point: {plan['prune_point']}; the vision graph runs {plan['layers_run']} of {g['layers']} layers")
     tokens, flops = plan["tokens"], plan["flops"]
     out.print(
         f"tokens: {tokens['before']} -> {tokens['after']} ({plan['downstream_token_ratio']:.1%} handed downstream)"
     )
-    out.print(
-        f"encoder GFLOPs: {flops['encoder_full'] / 1e9:.3f} full -> {flops['pruned_graph'] / 1e9:.3f} pruned graph"
-    )
+    if "prompt" not in plan:
+        out.print(
+            f"encoder GFLOPs: {flops['encoder_full'] / 1e9:.3f} full -> {flops['pruned_graph'] / 1e9:.3f} pruned graph"
+        )
+    else:
+        for tap in plan["prefill_taps"]:
+            out.print(f"  tap decoder layer {tap['layer']}: {tap['reduction']}")
+        prompt = plan["prompt"]
+        out.print(
+            f"prompt: {prompt['text_tokens']} text tokens, image at {prompt['image_start']}; the prefill sees "
+            f"{plan['prefill_length']} positions; KV cache capacity per layer {plan['cache_capacity']}"
+        )
+        pruned, full = flops["pruned"], flops["unpruned"]
+        for stage in ("tower", "projector", "prefill", "decode_token"):
+            out.print(f"  {stage} GFLOPs: {full[stage] / 1e9:.3f} unpruned -> {pruned[stage] / 1e9:.3f}")
+        ideal = plan["ideal_speedup"]
+        out.print(f"FLOPs-ideal speedup: first token {ideal['first_token']:.2f}x, decode {ideal['decode_token']:.2f}x")
     _write_json(json_path, plan)
 
 
@@ -197,8 +243,9 @@ def methods() -> None:
     table = Table(title="methods")
     for column in ("method", "stage", "families", "parameters", "what it keeps", "reference"):
         table.add_column(column)
+    vlms = [name for name, adapter in FAMILIES.items() if adapter.kind == "vlm"]
     for method in REGISTRY.values():
-        families = ", ".join(FAMILIES) if isinstance(method, VisionMethod) else "(needs an LLM family: not yet)"
+        families = ", ".join(FAMILIES) if isinstance(method, VisionMethod) else ", ".join(vlms)
         params = ", ".join(f"{p.name}={p.default}" for p in method.params) or "-"
         table.add_row(method.name, method.stage, families, params, method.summary, method.reference)
     out.print(table)

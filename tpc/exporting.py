@@ -13,16 +13,17 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 
 import tpc
 from tpc.errors import UsageError
 from tpc.exporter import get_target, runtime_for
-from tpc.exporter.manifest import Manifest, TensorSpec, write_samples
+from tpc.exporter.manifest import ComponentSpec, Manifest, TensorSpec, write_samples
 from tpc.pipeline import Pruned, PruneRequest, build
 from tpc.progress import Step, silent
-from tpc.verification import VerifyReport, eager_outputs, verify
+from tpc.verification import VerifyReport, eager_outputs, verify, write_generation_sample
 
 
 class VerificationFailed(Exception):
@@ -58,10 +59,12 @@ def _commit(staging: Path, output: Path) -> None:
         staging.rename(output)
 
 
-def _manifest(pruned: Pruned, target_name: str, artifact: str, graph: dict, samples: tuple[dict, dict]) -> Manifest:
-    inputs, expected = samples
+def _manifest(pruned: Pruned, target_name: str, components: list[ComponentSpec], versions: dict) -> Manifest:
+    plan = pruned.plan
     geometry = pruned.source.geometry
     runtime = runtime_for(target_name)
+    generation = plan.generation() if hasattr(plan, "generation") else None
+    before = generation["prompt"]["image_tokens"] if generation else geometry.num_patches
     return Manifest(
         model={
             "ref": pruned.source.ref,
@@ -73,27 +76,30 @@ def _manifest(pruned: Pruned, target_name: str, artifact: str, graph: dict, samp
         keep=pruned.keep,
         params=pruned.params,
         target=target_name,
-        artifact=artifact,
         dtype=pruned.request.dtype,
         batch=pruned.request.batch,
-        inputs=[TensorSpec.of(name, array) for name, array in inputs.items()],
-        outputs=[TensorSpec.of(name, array) for name, array in expected.items()],
+        components=components,
         tokens={
-            "before": geometry.num_patches,
+            "before": before,
             "after": pruned.keep,
             "grid": list(geometry.grid),
             "prefix_tokens": geometry.prefix_tokens,
+            "stage": pruned.method.stage,
         },
-        graph={key: value for key, value in graph.items() if key != "versions"},
+        generation=generation,
         versions={
             "tpc": tpc.__version__,
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            **graph.get("versions", {}),
+            **versions,
             **runtime.versions(),
         },
     )
+
+
+def _to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {name: t.numpy() for name, t in tensors.items()}
 
 
 def export(
@@ -116,13 +122,29 @@ def export(
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tpc-", dir=output.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
     try:
-        inputs = pruned.example_inputs(seed=0)
-        with step(f"export to {target}"):
-            graph = exporter.export(pruned.module, inputs, pruned.output_names, staging)
-        input_arrays = {name: t.numpy() for name, t in inputs.items()}
-        expected = eager_outputs(pruned, input_arrays)
-        write_samples(staging, input_arrays, expected)
-        manifest = _manifest(pruned, target, exporter.artifact, graph, (input_arrays, expected))
+        first_inputs = pruned.samples(seed=0)
+        specs, versions = [], {}
+        for name, component in pruned.components.items():
+            inputs = first_inputs[name]
+            artifact = f"{component.artifact_stem}{exporter.suffix}"
+            with step(f"export {name} to {target}"):
+                graph = exporter.export(component.module, inputs, component.output_names, staging / artifact)
+            versions.update(graph.pop("versions", {}))
+            input_arrays = _to_numpy(inputs)
+            expected = eager_outputs(component, input_arrays)
+            write_samples(staging, name, input_arrays, expected)
+            specs.append(
+                ComponentSpec(
+                    name,
+                    artifact,
+                    [TensorSpec.of(n, a) for n, a in input_arrays.items()],
+                    [TensorSpec.of(n, a) for n, a in expected.items()],
+                    graph,
+                )
+            )
+        manifest = _manifest(pruned, target, specs, versions)
+        if manifest.generation is not None:
+            write_generation_sample(staging, pruned, manifest.generation)
         manifest.write(staging)
         report = None
         if run_verify:

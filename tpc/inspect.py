@@ -18,27 +18,28 @@ FLOAT32_BYTES = 4
 
 def describe(request: PruneRequest) -> dict[str, Any]:
     """The plan as plain data (the CLI renders it; `--json` writes it). Without a keep, plans a quarter of the
-    patch tokens, so a user can see the plan before choosing a budget."""
+    visual tokens, so a user can see the plan before choosing a budget."""
     source = resolve(request.model)
     if request.keep is None:
-        request = replace(request, keep=max(1, source.geometry.num_patches // 4))
-    the_plan: Plan = plan(request, source)
+        tokens = source.adapter.image_tokens(source.config) if source.adapter.kind == "vlm" else None
+        request = replace(request, keep=max(1, (tokens or source.geometry.num_patches) // 4))
+    the_plan = plan(request, source)
     geometry = the_plan.source.geometry
     batch, heads, seq = request.batch, geometry.num_heads, geometry.sequence_length
     tap = ReceivedAttention()
     rows = tap.rows_per_block(batch, heads, seq, seq)
+    cut = the_plan.cut
     taps = [
         {
             "layer": layer,
+            "stack": "vision encoder",
             "reduction": "attention received: mean over heads and all query rows, per key",
             "rows_per_block": rows,
             "block_bytes": batch * heads * rows * seq * FLOAT32_BYTES,
         }
-        for layer in the_plan.tapped_layers
+        for layer in cut.tapped_layers
     ]
-    full_encoder = geometry.num_layers * geometry.layer_flops(seq)
-    pruned_graph = the_plan.depth * geometry.layer_flops(seq)
-    return {
+    description = {
         "model": the_plan.source.ref,
         "family": the_plan.source.adapter.family,
         "geometry": {
@@ -54,9 +55,45 @@ def describe(request: PruneRequest) -> dict[str, Any]:
         "params": the_plan.params,
         "taps": taps,
         "output_attentions_bytes": geometry.num_layers * batch * heads * seq * seq * FLOAT32_BYTES,
-        "prune_point": f"after encoder layer {the_plan.feature_layer} (the feature layer), before the projector",
-        "layers_run": the_plan.depth,
-        "tokens": {"before": geometry.num_patches, "after": the_plan.keep},
-        "flops": {"encoder_full": full_encoder, "pruned_graph": pruned_graph},
-        "downstream_token_ratio": the_plan.keep / geometry.num_patches,
+        "layers_run": cut.depth,
+    }
+    if isinstance(the_plan, Plan):
+        full_encoder = geometry.num_layers * geometry.layer_flops(seq)
+        return {
+            **description,
+            "prune_point": f"after encoder layer {the_plan.feature_layer} (the feature layer), before the projector",
+            "tokens": {"before": geometry.num_patches, "after": the_plan.keep},
+            "flops": {"encoder_full": full_encoder, "pruned_graph": cut.depth * geometry.layer_flops(seq)},
+            "downstream_token_ratio": the_plan.keep / geometry.num_patches,
+        }
+    return {**description, **_describe_vlm(the_plan)}
+
+
+def _describe_vlm(the_plan: Any) -> dict[str, Any]:
+    """The decoder side of a VLM plan: prompt and cache layout, the prefill tap, FLOPs against the unpruned model."""
+    unpruned = plan(replace(the_plan.request, method="none", keep=None, params={}), the_plan.source)
+    cache, prompt = the_plan.cache, the_plan.prompt
+    if the_plan.prunes_in_prefill:
+        layer = the_plan.method.prune_layer(the_plan.method_params)
+        point = f"inside the prefill, before decoder layer {layer} (layers 0..{layer - 1} see every token)"
+        prefill_taps = [{"layer": layer - 1, "stack": "decoder", "reduction": "last prompt token's row, head mean"}]
+    else:
+        point = "on the vision side: the projector and the decoder see only the kept tokens"
+        prefill_taps = []
+    flops, full = the_plan.flops(), unpruned.flops()
+    first_token = flops["tower"] + flops["projector"] + flops["prefill"]
+    full_first_token = full["tower"] + full["projector"] + full["prefill"]
+    return {
+        "prune_point": point,
+        "prefill_taps": prefill_taps,
+        "prompt": {"text_tokens": prompt.text_len, "image_start": prompt.image_start, "length": prompt.length},
+        "tokens": {"before": prompt.image_tokens, "after": the_plan.keep},
+        "prefill_length": cache.prefill_tokens,
+        "cache_capacity": list(cache.capacities),
+        "flops": {"pruned": flops, "unpruned": full},
+        "ideal_speedup": {
+            "first_token": full_first_token / first_token,
+            "decode_token": full["decode_token"] / flops["decode_token"],
+        },
+        "downstream_token_ratio": the_plan.keep / prompt.image_tokens,
     }

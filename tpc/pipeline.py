@@ -1,12 +1,13 @@
-"""From a request (model, method, keep, params) to a pruned eager module: the step every command shares.
+"""From a request (model, method, keep, params) to pruned eager components: the step every command shares.
 
-`export`, `verify`, `inspect` and the Python API all build through `build`, so the module that is exported is
-the module that verification compares against.
+`export`, `verify`, `inspect` and the Python API all build through `build`, so the modules that are exported
+are the modules that verification compares against. A vision encoder is one component (`model`); a VLM is
+three (`vision`, `prefill`, `decode`, see `tpc.vlm`). Planning dispatches on the model family's kind.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,11 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from tpc.errors import UsageError
-from tpc.methods import REGISTRY, VisionMethod, get_method
+from tpc.methods import REGISTRY, Method, VisionMethod, get_method
 from tpc.models_zoo import ModelSource, resolve
-from tpc.passes.prune_vision import INPUT_NAMES, OUTPUT_NAMES, PrunedVisionEncoder
+from tpc.passes.prune_vision import INPUT_NAMES, OUTPUT_NAMES, PrunedVisionEncoder, VisionCut
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+SINGLE = "model"  # the component name of a one-graph export
 
 
 @dataclass(frozen=True)
@@ -31,44 +33,90 @@ class PruneRequest:
     params: Mapping[str, str] = field(default_factory=dict)
     dtype: str = "fp32"
     batch: int = 1
+    prompt_len: int | None = None  # VLMs: text tokens of the static prompt (default: the chat template's)
+    max_new_tokens: int | None = None  # VLMs: generated tokens the static KV cache has room for
+
+
+@dataclass
+class Component:
+    """One exported graph: its eager module and its I/O names (`forced_indices` teacher-forces `kept_indices`)."""
+
+    name: str
+    module: nn.Module
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    @property
+    def artifact_stem(self) -> str:
+        return self.name
 
 
 @dataclass
 class Pruned:
-    """A built request: the eager module, what it was built from, and its I/O signature."""
+    """A built request: its plan, the eager components, and how to make seeded inputs for each of them."""
 
     request: PruneRequest
-    source: ModelSource
-    method: VisionMethod
-    keep: int
-    params: dict[str, Any]
-    module: nn.Module
-    input_names: tuple[str, ...] = INPUT_NAMES
-    output_names: tuple[str, ...] = OUTPUT_NAMES
+    plan: Any  # Plan | tpc.vlm.VlmPlan
+    components: dict[str, Component]
+    # seed -> {component: {input name: tensor}}; a VLM's later components take earlier ones' eager outputs
+    make_samples: Callable[[int], dict[str, dict[str, Tensor]]]
 
-    def example_inputs(self, seed: int = 0) -> dict[str, Tensor]:
-        """Seeded inputs of the export's static shapes (standard-normal pixels, as after CLIP normalisation)."""
-        geometry = self.source.geometry
-        shape = (self.request.batch, geometry.channels, geometry.image_size, geometry.image_size)
-        generator = torch.Generator().manual_seed(seed)
-        pixels = torch.randn(shape, generator=generator).to(DTYPES[self.request.dtype])
-        return {"pixel_values": pixels}
+    @property
+    def source(self) -> ModelSource:
+        return self.plan.source
+
+    @property
+    def method(self) -> Method:
+        return self.plan.method
+
+    @property
+    def keep(self) -> int:
+        return self.plan.keep
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.plan.params
+
+    @property
+    def module(self) -> nn.Module:
+        """The eager module (a VLM's components as a ModuleDict)."""
+        if SINGLE in self.components:
+            return self.components[SINGLE].module
+        return nn.ModuleDict({name: c.module for name, c in self.components.items()})
+
+    @property
+    def plan_kind(self) -> str:
+        return self.source.adapter.kind
+
+    def samples(self, seed: int = 0) -> dict[str, dict[str, Tensor]]:
+        return self.make_samples(seed)
 
 
-def _check_layer(name: str, value: int, depth: int) -> None:
+def check_layer(name: str, value: int, depth: int, stack: str = "encoder") -> None:
     if not 1 <= value <= depth:
-        raise UsageError(f"--param {name}={value} is outside the encoder's layers 1..{depth}")
+        raise UsageError(f"--param {name}={value} is outside the {stack}'s layers 1..{depth}")
 
 
-def _vision_method(name: str, family: str) -> VisionMethod:
-    method = get_method(name)
-    if not isinstance(method, VisionMethod):
-        usable = sorted(n for n, m in REGISTRY.items() if isinstance(m, VisionMethod))
-        raise UsageError(
-            f"method '{name}' prunes at the {method.stage} stage, which {family} vision encoders do not have; "
-            f"methods for {family}: {', '.join(usable)}"
-        )
-    return method
+def check_method_layers(method: Method, params: dict[str, Any], depths: Mapping[str, tuple[int, int]]) -> None:
+    """Each layer parameter within its stack: depths[stack] = (lowest, highest) valid value."""
+    for param in method.params:
+        if param.layer_of is not None:
+            low, high = depths[param.layer_of]
+            if not low <= params[param.name] <= high:
+                raise UsageError(
+                    f"--param {param.name}={params[param.name]} is outside the {param.layer_of}'s layers {low}..{high}"
+                )
+
+
+def check_common(request: PruneRequest) -> None:
+    if request.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype '{request.dtype}'; valid: {', '.join(DTYPES)}")
+    if request.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {request.batch}")
+
+
+def methods_for(stages: tuple[str, ...]) -> list[str]:
+    return sorted(name for name, m in REGISTRY.items() if m.stage in stages)
 
 
 def split_params(given: Mapping[str, str]) -> tuple[dict[str, str], int | None]:
@@ -83,9 +131,30 @@ def split_params(given: Mapping[str, str]) -> tuple[dict[str, str], int | None]:
         raise UsageError(f"--param feature_layer={feature_layer}: expected an integer layer (1-based)") from None
 
 
+def resolve_keep(
+    keep: int | None, method: Method, num_tokens: int, lowest: int = 1, what: str = "the encoder has {n} patch tokens"
+) -> int:
+    if not method.prunes:
+        return num_tokens
+    if keep is None:
+        raise UsageError(f"--keep is required for method '{method.name}' ({lowest}..{num_tokens} tokens)")
+    if not lowest <= keep <= num_tokens:
+        raise UsageError(f"--keep {keep} is out of range: {what.format(n=num_tokens)} (use {lowest}..{num_tokens})")
+    return keep
+
+
+def check_budget(method: Method, keep: int, params: dict[str, Any]) -> None:
+    check = getattr(method, "check_budget", None)
+    try:
+        if check is not None:
+            check(keep, params)
+    except ValueError as error:
+        raise UsageError(f"--keep {keep} with method {method.name}: {error}") from None
+
+
 @dataclass(frozen=True)
 class Plan:
-    """A validated request, before any weights are loaded: what `inspect` shows and `build` builds."""
+    """A validated encoder request, before any weights are loaded: what `inspect` shows and `build` builds."""
 
     request: PruneRequest
     source: ModelSource
@@ -99,59 +168,78 @@ class Plan:
         return {"feature_layer": self.feature_layer, **self.method_params}
 
     @property
+    def cut(self) -> VisionCut:
+        source = self.source
+        return VisionCut(
+            source.adapter, source.geometry, self.method, self.keep, self.method_params, (self.feature_layer,)
+        )
+
+    @property
     def tapped_layers(self) -> tuple[int, ...]:
-        return tuple(sorted(set(self.method.tapped_layers(self.method_params))))
+        return self.cut.tapped_layers
 
     @property
     def depth(self) -> int:
         """Encoder layers the pruned graph runs."""
-        return max((self.feature_layer, *self.tapped_layers))
+        return self.cut.depth
 
 
-def plan(request: PruneRequest, source: ModelSource | None = None) -> Plan:
+def plan(request: PruneRequest, source: ModelSource | None = None) -> Any:
     """Resolve and validate every part of the request; one clear UsageError for the first bad part.
 
-    `source`: the request's model, if the caller resolved it already.
+    `source`: the request's model, if the caller resolved it already. Returns a Plan or a tpc.vlm.VlmPlan.
     """
-    if request.dtype not in DTYPES:
-        raise UsageError(f"unknown dtype '{request.dtype}'; valid: {', '.join(DTYPES)}")
-    if request.batch < 1:
-        raise UsageError(f"--batch must be at least 1, got {request.batch}")
+    check_common(request)
     source = source or resolve(request.model)
-    method = _vision_method(request.method, source.adapter.family)
+    if source.adapter.kind == "vlm":
+        from tpc.vlm import plan_vlm
+
+        return plan_vlm(request, source)
+    return _plan_encoder(request, source)
+
+
+def _plan_encoder(request: PruneRequest, source: ModelSource) -> Plan:
+    if request.prompt_len is not None or request.max_new_tokens is not None:
+        raise UsageError("--prompt-len and --max-new-tokens apply to VLM models; vision encoders take no prompt")
+    method = get_method(request.method)
+    if not isinstance(method, VisionMethod):
+        raise UsageError(
+            f"method '{method.name}' prunes at the {method.stage} stage, which {source.adapter.family} vision "
+            f"encoders do not have; methods for {source.adapter.family}: {', '.join(methods_for(('vision',)))}"
+        )
     geometry = source.geometry
     method_params, feature_layer = split_params(request.params)
     # LLaVA's default: the penultimate layer's output (vision_feature_layer = -2)
     feature_layer = feature_layer if feature_layer is not None else max(1, geometry.num_layers - 1)
-    _check_layer("feature_layer", feature_layer, geometry.num_layers)
+    check_layer("feature_layer", feature_layer, geometry.num_layers)
     params = method.resolve_params(method_params, method.model_defaults(geometry.num_layers, feature_layer))
-    for param in method.params:
-        if param.is_layer:
-            _check_layer(param.name, params[param.name], geometry.num_layers)
-    keep = _resolve_keep(request.keep, method, geometry.num_patches)
-    try:
-        method.check_budget(keep, params)
-    except ValueError as error:
-        raise UsageError(f"--keep {keep} with method {method.name}: {error}") from None
+    check_method_layers(method, params, {"encoder": (1, geometry.num_layers)})
+    keep = resolve_keep(request.keep, method, geometry.num_patches)
+    check_budget(method, keep, params)
     return Plan(request, source, method, keep, feature_layer, params)
 
 
 def build(request: PruneRequest) -> Pruned:
-    """Plan, load the model through `from_pretrained`, insert taps and the prune point."""
+    """Plan, load the model through `from_pretrained`, insert taps and prune points."""
     the_plan = plan(request)
+    if not isinstance(the_plan, Plan):
+        from tpc.vlm import build_vlm
+
+        return build_vlm(the_plan)
     source = the_plan.source
     model = source.adapter.load(source.path).to(DTYPES[request.dtype])
-    module = PrunedVisionEncoder(model, the_plan).eval()
-    return Pruned(request, source, the_plan.method, the_plan.keep, the_plan.params, module)
+    module = PrunedVisionEncoder(model, the_plan.cut).eval()
+    component = Component(SINGLE, module, INPUT_NAMES, OUTPUT_NAMES)
+
+    def samples(seed: int) -> dict[str, dict[str, Tensor]]:
+        return {SINGLE: {"pixel_values": seeded_pixels(source, request, seed)}}
+
+    return Pruned(request, the_plan, {SINGLE: component}, samples)
 
 
-def _resolve_keep(keep: int | None, method: VisionMethod, num_tokens: int) -> int:
-    if not method.prunes:
-        return num_tokens
-    if keep is None:
-        raise UsageError(f"--keep is required for method '{method.name}' (1..{num_tokens} tokens)")
-    if not 1 <= keep <= num_tokens:
-        raise UsageError(
-            f"--keep {keep} is out of range: the encoder has {num_tokens} patch tokens (use 1..{num_tokens})"
-        )
-    return keep
+def seeded_pixels(source: ModelSource, request: PruneRequest, seed: int) -> Tensor:
+    """Standard-normal pixels (as after CLIP normalisation) of the export's static shape."""
+    geometry = source.geometry
+    shape = (request.batch, geometry.channels, geometry.image_size, geometry.image_size)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator).to(DTYPES[request.dtype])

@@ -15,6 +15,7 @@ kept_indices must be equal, always.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ import torch
 
 from tpc.errors import UsageError
 from tpc.exporter import runtime_for
-from tpc.exporter.manifest import INPUTS_FILE, Manifest, read_samples
-from tpc.pipeline import Pruned, PruneRequest, build
+from tpc.exporter.manifest import GENERATION_FILE, INPUTS_FILE, SAMPLES_DIR, Manifest, TensorSpec, read_samples
+from tpc.pipeline import SINGLE, Component, Pruned, PruneRequest, build, seeded_pixels
 from tpc.progress import Step, silent
+from tpc.runtimes import Runtime
+from tpc.runtimes.generation import GenerationLoop, prefill_ids
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,21 @@ class Diff:
 
 
 @dataclass
+class GenerationCheck:
+    """End-to-end greedy generation: exported components vs eager components, token for token."""
+
+    samples: int
+    new_tokens: int
+    rows_equal: int
+    rows: int
+    first_difference: list[int] | None = None  # [sample, row, position] of the first differing token
+
+    @property
+    def passed(self) -> bool:
+        return self.rows_equal == self.rows
+
+
+@dataclass
 class VerifyReport:
     passed: bool
     runtime: str
@@ -75,44 +93,89 @@ class VerifyReport:
     kept_rows: int
     outputs: dict[str, Diff] = field(default_factory=dict)  # over samples whose selection agreed
     teacher_forced: dict[str, Diff] = field(default_factory=dict)
+    generation: GenerationCheck | None = None
     diagnosis: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.generation is not None:
+            data["generation"]["passed"] = self.generation.passed
+        return data
 
 
 def request_from_manifest(manifest: Manifest) -> PruneRequest:
     model = manifest.model["ref"] if manifest.model["ref"].startswith("zoo:") else manifest.model["path"]
     params = {k: str(v) for k, v in manifest.params.items()}
-    return PruneRequest(model, manifest.method, manifest.keep, params, manifest.dtype, manifest.batch)
+    generation = manifest.generation
+    prompt_len = generation["prompt"]["text_tokens"] if generation else None
+    max_new = generation["max_new_tokens"] if generation else None
+    return PruneRequest(
+        model, manifest.method, manifest.keep, params, manifest.dtype, manifest.batch, prompt_len, max_new
+    )
 
 
-def eager_outputs(pruned: Pruned, inputs: dict[str, np.ndarray], forced: np.ndarray | None = None) -> dict:
+def eager_outputs(component: Component, inputs: dict[str, np.ndarray], forced: np.ndarray | None = None) -> dict:
     with torch.no_grad():
-        tensors = {name: torch.from_numpy(array) for name, array in inputs.items()}
-        if forced is not None:
-            tensors["forced_indices"] = torch.from_numpy(forced)
-        outputs = pruned.module(**tensors)
-    return {name: out.numpy() for name, out in zip(pruned.output_names, outputs, strict=True)}
+        tensors = [torch.from_numpy(inputs[name]) for name in component.input_names]
+        extra = {"forced_indices": torch.from_numpy(forced)} if forced is not None else {}
+        outputs = component.module(*tensors, **extra)
+    return {name: out.numpy() for name, out in zip(component.output_names, outputs, strict=True)}
 
 
-def _load_user_inputs(path: Path, manifest: Manifest) -> list[dict[str, np.ndarray]]:
+def eager_loop(pruned: Pruned) -> GenerationLoop:
+    """The generation loop over the eager components: what an exported VLM must reproduce."""
+    runs = {name: functools.partial(eager_outputs, component) for name, component in pruned.components.items()}
+    return GenerationLoop(runs, pruned.plan.generation())
+
+
+def generation_inputs(pruned: Pruned, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from tpc.vlm import seeded_prompt
+
+    return seeded_pixels(pruned.source, pruned.request, seed).numpy(), seeded_prompt(pruned.plan, seed)
+
+
+def write_generation_sample(directory: Path, pruned: Pruned, generation: dict[str, Any]) -> None:
+    pixels, ids = generation_inputs(pruned, seed=0)
+    tokens = eager_loop(pruned).generate(pixels, ids, stop_at_eos=False)
+    np.savez(directory / SAMPLES_DIR / GENERATION_FILE, pixel_values=pixels, input_ids=ids, tokens=tokens)
+
+
+def _load_user_inputs(path: Path, expected: dict[str, TensorSpec]) -> dict[str, np.ndarray]:
     if not path.exists():
         raise UsageError(f"inputs file '{path}' does not exist")
     with np.load(path) as data:
         arrays = {key: data[key] for key in data.files}
     sample = {}
-    for spec in manifest.inputs:
-        if spec.name not in arrays:
-            raise UsageError(f"inputs file '{path}' has no array '{spec.name}' (it has: {', '.join(arrays) or 'none'})")
-        array = arrays[spec.name]
+    for name, spec in expected.items():
+        if name not in arrays:
+            raise UsageError(f"inputs file '{path}' has no array '{name}' (it has: {', '.join(arrays) or 'none'})")
+        array = arrays[name]
         if list(array.shape) != spec.shape or str(array.dtype) != spec.dtype:
             raise UsageError(
-                f"'{spec.name}' in '{path}' is {array.dtype}{list(array.shape)}; the export takes "
+                f"'{name}' in '{path}' is {array.dtype}{list(array.shape)}; the export takes "
                 f"{spec.dtype}{spec.shape} (static shapes)"
             )
-        sample[spec.name] = array
-    return [sample]
+        sample[name] = array
+    return sample
+
+
+def _entry_specs(manifest: Manifest) -> dict[str, TensorSpec]:
+    """What a user's --inputs file holds: the encoder's inputs, or a VLM's pixel_values and prompt input_ids."""
+    if manifest.generation is None:
+        return {spec.name: spec for spec in manifest.components[0].inputs}
+    pixels = next(s for s in manifest.component("vision").inputs if s.name == "pixel_values")
+    prompt = TensorSpec("input_ids", [manifest.batch, manifest.generation["prompt"]["length"]], "int64")
+    return {"pixel_values": pixels, "input_ids": prompt}
+
+
+def _sample_inputs(pruned: Pruned, entry: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    if pruned.plan_kind == "encoder":
+        return {SINGLE: entry}
+    from tpc.vlm import chained_samples
+
+    ids = prefill_ids(pruned.plan.generation(), entry["input_ids"])
+    tensors = chained_samples(pruned.plan, pruned.components, torch.from_numpy(entry["pixel_values"]), ids)
+    return {name: {k: t.numpy() for k, t in inputs.items()} for name, inputs in tensors.items()}
 
 
 def _diagnose(report: VerifyReport) -> str:
@@ -127,7 +190,59 @@ def _diagnose(report: VerifyReport) -> str:
         return "the exported computation differs from eager (kept indices and teacher-forced outputs both disagree)"
     if not outputs_ok:
         return "numerical drift beyond tolerance with identical kept indices"
+    if report.generation is not None and not report.generation.passed:
+        sample, row, position = report.generation.first_difference or [0, 0, 0]
+        return (
+            f"greedy generation differs from eager (sample {sample}, row {row}, from token {position}) although every "
+            "component matches within tolerance: an argmax near-tie"
+        )
     return "exported outputs match eager"
+
+
+def _check_component(
+    report: VerifyReport,
+    component: Component,
+    label: str,
+    sessions: tuple[Runtime, Runtime | None],
+    inputs: dict[str, np.ndarray],
+    tolerance: Tolerance,
+) -> None:
+    """Compare one component on one sample; teacher-force it when it selects tokens."""
+    exported, forced = sessions
+    want = eager_outputs(component, inputs)
+    got = exported.run(inputs)
+    rows_equal = np.ones(1, dtype=bool)
+    if INDEX_OUTPUT in want:
+        rows_equal = np.all(got[INDEX_OUTPUT] == want[INDEX_OUTPUT], axis=-1)
+        report.kept_rows += rows_equal.size
+        report.kept_rows_agreeing += int(rows_equal.sum())
+    teacher = forced.run({**inputs, INDEX_OUTPUT: want[INDEX_OUTPUT]}) if forced is not None else None
+    for name in component.output_names:
+        if name == INDEX_OUTPUT:
+            continue
+        key = f"{label}{name}"
+        if teacher is not None:
+            report.teacher_forced[key] = Diff.of(teacher[name], want[name], tolerance).worst(
+                report.teacher_forced.get(key)
+            )
+        if rows_equal.all():
+            report.outputs[key] = Diff.of(got[name], want[name], tolerance).worst(report.outputs.get(key))
+
+
+def _check_generation(pruned: Pruned, exported: GenerationLoop, seeds: list[int]) -> GenerationCheck:
+    eager = eager_loop(pruned)
+    check = GenerationCheck(len(seeds), pruned.plan.max_new_tokens, 0, 0)
+    for sample, seed in enumerate(seeds):
+        pixels, ids = generation_inputs(pruned, seed)
+        want = eager.generate(pixels, ids, stop_at_eos=False)
+        got = exported.generate(pixels, ids, stop_at_eos=False)
+        equal = np.all(got == want, axis=1)
+        check.rows += equal.size
+        check.rows_equal += int(equal.sum())
+        if check.first_difference is None and not equal.all():
+            row = int(np.argmin(equal))
+            check.first_difference = [sample, row, int(np.argmax(got[row] != want[row]))]
+    return check
 
 
 def verify(
@@ -146,15 +261,20 @@ def verify(
     if pruned is None:
         with step("load eager model"):
             pruned = build(request_from_manifest(manifest))
-    exported = runtime.load(directory / manifest.artifact)
-    forced = runtime.load(directory / manifest.artifact, forced=(INDEX_OUTPUT,))
+    sessions = {}
+    for spec in manifest.components:
+        selects = any(o.name == INDEX_OUTPUT for o in spec.outputs)
+        forced = runtime.load(directory / spec.artifact, forced=(INDEX_OUTPUT,)) if selects else None
+        sessions[spec.name] = (runtime.load(directory / spec.artifact), forced)
+    seeds = [manifest.sample_seed + i for i in range(samples)]
     if inputs_file is not None:
-        sample_inputs = _load_user_inputs(Path(inputs_file), manifest)
+        sample_inputs = [_sample_inputs(pruned, _load_user_inputs(Path(inputs_file), _entry_specs(manifest)))]
     else:
-        sample_inputs = [read_samples(directory, INPUTS_FILE)]
-        for i in range(1, samples):
-            seeded = pruned.example_inputs(seed=manifest.sample_seed + i)
-            sample_inputs.append({name: t.numpy() for name, t in seeded.items()})
+        sample_inputs = [{c.name: read_samples(directory, c.name, INPUTS_FILE) for c in manifest.components}]
+        for seed in seeds[1:]:
+            sample_inputs.append(
+                {name: {k: t.numpy() for k, t in inputs.items()} for name, inputs in pruned.samples(seed).items()}
+            )
 
     tolerance = TOLERANCES[manifest.dtype]
     report = VerifyReport(
@@ -162,23 +282,18 @@ def verify(
     )
     with step(f"verify {len(sample_inputs)} samples in {runtime.name}"):
         for inputs in sample_inputs:
-            want = eager_outputs(pruned, inputs)
-            got = exported.run(inputs)
-            rows_equal = np.all(got[INDEX_OUTPUT] == want[INDEX_OUTPUT], axis=-1)
-            report.kept_rows += rows_equal.size
-            report.kept_rows_agreeing += int(rows_equal.sum())
-            teacher = forced.run({**inputs, INDEX_OUTPUT: want[INDEX_OUTPUT]})
-            for name in pruned.output_names:
-                if name == INDEX_OUTPUT:
-                    continue
-                forced_diff = Diff.of(teacher[name], want[name], tolerance)
-                report.teacher_forced[name] = forced_diff.worst(report.teacher_forced.get(name))
-                if rows_equal.all():
-                    report.outputs[name] = Diff.of(got[name], want[name], tolerance).worst(report.outputs.get(name))
+            for name, component in pruned.components.items():
+                label = "" if name == SINGLE else f"{name}."
+                _check_component(report, component, label, sessions[name], inputs[name], tolerance)
+    if manifest.generation is not None:
+        with step(f"greedy generation, {pruned.plan.max_new_tokens} tokens x {len(seeds)} prompts"):
+            loop = GenerationLoop({name: pair[0].run for name, pair in sessions.items()}, manifest.generation)
+            report.generation = _check_generation(pruned, loop, seeds)
     report.passed = (
         report.kept_rows_agreeing == report.kept_rows
         and all(d.passed for d in report.outputs.values())
         and all(d.passed for d in report.teacher_forced.values())
+        and (report.generation is None or report.generation.passed)
     )
     report.diagnosis = _diagnose(report)
     return report

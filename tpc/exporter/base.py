@@ -14,7 +14,7 @@ from tpc.errors import UsageError
 
 class Target(ABC):
     name: ClassVar[str]
-    artifact: ClassVar[str]  # file name inside the export directory
+    suffix: ClassVar[str]  # artifact file suffix: a component `vision` becomes `vision{suffix}`
     extra: ClassVar[str]  # `pip install tpc[EXTRA]`
     requires: ClassVar[tuple[str, ...]]  # importable modules the target needs
     runtime: ClassVar[str]  # name in tpc.runtimes.RUNTIMES that runs the artifact
@@ -33,6 +33,6 @@ class Target(ABC):
         module: nn.Module,
         inputs: dict[str, Tensor],
         output_names: tuple[str, ...],
-        directory: Path,
+        path: Path,
     ) -> dict[str, Any]:
-        """Write `directory / self.artifact`; return facts for the manifest (graph op counts, tool versions)."""
+        """Write one component's artifact to `path`; return facts for the manifest (op counts, `versions`)."""

@@ -1,7 +1,10 @@
 """`tpc.json`: what an export directory holds, enough for a device without PyTorch to run and check it.
 
-Written once per export; `verify` adds its result. Inputs/outputs are listed with static shapes and dtypes,
-`samples/inputs.npz` and `samples/expected.npz` are keyed by the same names.
+Written once per export; `verify` adds its result. Each component (one graph: `model` for an encoder;
+`vision`, `prefill`, `decode` for a VLM) lists its artifact and its inputs/outputs with static shapes and
+dtypes. Its samples are keyed by the same names: `samples/inputs.npz` + `samples/expected.npz` for a
+one-graph export, `samples/<component>/inputs.npz` + `expected.npz` for each component of a VLM, plus
+`samples/generation.npz` (pixel_values, input_ids and the greedy tokens eager PyTorch generates).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ MANIFEST_FILE = "tpc.json"
 SAMPLES_DIR = "samples"
 INPUTS_FILE = "inputs.npz"
 EXPECTED_FILE = "expected.npz"
-FORMAT_VERSION = 1
+GENERATION_FILE = "generation.npz"
+SINGLE_COMPONENT = "model"
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -34,24 +39,41 @@ class TensorSpec:
 
 
 @dataclass
+class ComponentSpec:
+    name: str
+    artifact: str  # file name inside the export directory
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    graph: dict[str, Any] = field(default_factory=dict)  # target facts: opset, op counts, ...
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ComponentSpec:
+        data = dict(data)
+        data["inputs"] = [TensorSpec(**spec) for spec in data["inputs"]]
+        data["outputs"] = [TensorSpec(**spec) for spec in data["outputs"]]
+        return cls(**data)
+
+
+@dataclass
 class Manifest:
     model: dict[str, Any]  # ref (as given), path (resolved), family, model_type
     method: str
     keep: int
     params: dict[str, Any]
     target: str
-    artifact: str
     dtype: str
     batch: int
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
+    components: list[ComponentSpec]
     tokens: dict[str, Any]  # before / after / grid / prefix_tokens
-    graph: dict[str, Any]
     versions: dict[str, str]
+    generation: dict[str, Any] | None = None  # VLMs: prompt layout, cache layout, the step protocol
     sample_seed: int = 0
     verification: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def component(self, name: str) -> ComponentSpec:
+        return next(c for c in self.components if c.name == name)
 
     def write(self, directory: Path) -> None:
         (directory / MANIFEST_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -69,20 +91,27 @@ class Manifest:
             raise UsageError(f"'{path}' is not valid JSON ({err.msg} at line {err.lineno})") from None
         if data.get("format_version") != FORMAT_VERSION:
             raise UsageError(
-                f"'{path}' has format version {data.get('format_version')}; this tpc reads {FORMAT_VERSION}"
+                f"'{path}' has format version {data.get('format_version')}; this tpc reads {FORMAT_VERSION} "
+                "(re-export it with this version)"
             )
-        data["inputs"] = [TensorSpec(**spec) for spec in data["inputs"]]
-        data["outputs"] = [TensorSpec(**spec) for spec in data["outputs"]]
+        data["components"] = [ComponentSpec.from_dict(c) for c in data["components"]]
         return cls(**data)
 
 
-def write_samples(directory: Path, inputs: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
-    samples = directory / SAMPLES_DIR
-    samples.mkdir(exist_ok=True)
-    np.savez(samples / INPUTS_FILE, **inputs)
-    np.savez(samples / EXPECTED_FILE, **expected)
+def samples_dir(directory: Path, component: str) -> Path:
+    base = directory / SAMPLES_DIR
+    return base if component == SINGLE_COMPONENT else base / component
 
 
-def read_samples(directory: Path, name: str) -> dict[str, np.ndarray]:
-    with np.load(directory / SAMPLES_DIR / name) as data:
+def write_samples(
+    directory: Path, component: str, inputs: dict[str, np.ndarray], expected: dict[str, np.ndarray]
+) -> None:
+    where = samples_dir(directory, component)
+    where.mkdir(parents=True, exist_ok=True)
+    np.savez(where / INPUTS_FILE, **inputs)
+    np.savez(where / EXPECTED_FILE, **expected)
+
+
+def read_samples(directory: Path, component: str, name: str) -> dict[str, np.ndarray]:
+    with np.load(samples_dir(directory, component) / name) as data:
         return {key: data[key] for key in data.files}

@@ -52,13 +52,13 @@ def check_static_graph(model: Any) -> None:
 
 class OnnxTarget(Target):
     name = "onnx"
-    artifact = "model.onnx"
+    suffix = ".onnx"
     extra = "onnx"
     requires = ("onnx", "onnxscript", "onnxruntime")
     runtime = "onnxruntime"
 
     def export(
-        self, module: nn.Module, inputs: dict[str, Tensor], output_names: tuple[str, ...], directory: Path
+        self, module: nn.Module, inputs: dict[str, Tensor], output_names: tuple[str, ...], path: Path
     ) -> dict[str, Any]:
         import onnx
 
@@ -77,7 +77,6 @@ class OnnxTarget(Target):
                     optimize=True,
                     verbose=False,
                 )
-        path = directory / self.artifact
         onnx_program.save(str(path))
         model = onnx.load(str(path))
         onnx.checker.check_model(model, full_check=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tpc.errors import unknown_name
 from tpc.methods import divprune, fastv, hiprune, none, random, uniform
-from tpc.methods.base import FunctionalMethod, Method, Param, VisionMethod, VisionSignals
+from tpc.methods.base import Method, Param, PrefillMethod, PrefillSignals, VisionMethod, VisionSignals
 
 REGISTRY: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (hiprune, divprune, random, uniform, fastv, none)}
 
@@ -21,9 +21,10 @@ def get_method(name: str) -> Method:
 
 __all__ = [
     "REGISTRY",
-    "FunctionalMethod",
     "Method",
     "Param",
+    "PrefillMethod",
+    "PrefillSignals",
     "VisionMethod",
     "VisionSignals",
     "divprune",

@@ -55,7 +55,7 @@ class Param:
     type: type
     default: Any
     help: str
-    is_layer: bool = False  # a 1-based encoder layer: validated against the model's depth
+    layer_of: str | None = None  # "encoder" / "decoder": a layer number, validated against that stack's depth
 
     def parse(self, text: str) -> Any:
         try:
@@ -77,8 +77,24 @@ class VisionSignals:
     grid: tuple[int, int]
 
 
+class _ResolvesParams:
+    name: str
+    params: tuple[Param, ...]
+
+    def resolve_params(self, given: Mapping[str, str], derived: Mapping[str, Any]) -> dict[str, Any]:
+        """User strings parsed by type, over model-derived defaults, over the method's own defaults."""
+        known = {p.name: p for p in self.params}
+        unknown = set(given) - set(known)
+        if unknown:
+            raise unknown_name(f"parameter for method {self.name}", sorted(unknown)[0], known or ["(none)"])
+        values = {p.name: p.default for p in self.params}
+        values.update({k: v for k, v in derived.items() if k in known})
+        values.update({k: known[k].parse(v) for k, v in given.items()})
+        return values
+
+
 @dataclass(frozen=True)
-class VisionMethod:
+class VisionMethod(_ResolvesParams):
     """A method that prunes on the vision side: encoder signals -> priorities -> keep K patch tokens."""
 
     name: str
@@ -94,28 +110,30 @@ class VisionMethod:
     stage: str = "vision"
     prunes: bool = True
 
-    def resolve_params(self, given: Mapping[str, str], derived: Mapping[str, Any]) -> dict[str, Any]:
-        """User strings parsed by type, over model-derived defaults, over the method's own defaults."""
-        known = {p.name: p for p in self.params}
-        unknown = set(given) - set(known)
-        if unknown:
-            raise unknown_name(f"parameter for method {self.name}", sorted(unknown)[0], known or ["(none)"])
-        values = {p.name: p.default for p in self.params}
-        values.update({k: v for k, v in derived.items() if k in known})
-        values.update({k: known[k].parse(v) for k, v in given.items()})
-        return values
+
+@dataclass(frozen=True)
+class PrefillSignals:
+    """What an LLM-prefill method may read at its prune layer K (0-based decoder layer index)."""
+
+    last_row: Tensor  # (B, N_img) attention of the last prompt token to each image token at layer K-1, head mean
+    image_embeds: Tensor  # (B, N_img, D) hidden states of the image tokens entering layer K
 
 
 @dataclass(frozen=True)
-class FunctionalMethod:
-    """A method available as tensor functions only; its model integration (LLM prefill) comes with LLM families."""
+class PrefillMethod(_ResolvesParams):
+    """A method that prunes inside the decoder's prefill: layers 0..K-1 see every token, layers K.. the kept ones.
+
+    Kept tokens keep their original position ids, and the KV cache of layers K.. holds only them.
+    """
 
     name: str
     summary: str
     reference: str
-    stage: str
+    priority: Callable[[PrefillSignals, int, dict], Tensor]
+    prune_layer: Callable[[dict], int]  # K
     params: tuple[Param, ...] = ()
+    stage: str = "llm-prefill"
     prunes: bool = True
 
 
-Method = VisionMethod | FunctionalMethod
+Method = VisionMethod | PrefillMethod

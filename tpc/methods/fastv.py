@@ -1,14 +1,14 @@
 """FastV (Chen et al., ECCV 2024) scoring and selection (methods.md §6).
 
 At decoder layer K, keep the image tokens that the last prompt token attended to most at layer K-1 (mean over
-heads). These are the tensor functions; running them inside an LLM's prefill needs an LLM model family.
+heads). The tensor functions below are what the prefill graph runs (through the shared select op).
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from tpc.methods.base import FunctionalMethod, Param
+from tpc.methods.base import Param, PrefillMethod
 from tpc.ops import select_indices
 
 
@@ -28,10 +28,11 @@ def select(image_scores: Tensor, keep: int) -> Tensor:
     return select_indices(image_scores, keep)
 
 
-METHOD = FunctionalMethod(
+METHOD = PrefillMethod(
     name="fastv",
     summary="last-token attention row at LLM layer K-1; prunes from layer K on",
     reference="pkunlp-icler/FastV, ECCV 2024",
-    stage="llm-prefill",
-    params=(Param("layer", int, 2, "decoder layer K from which image tokens are pruned"),),
+    priority=lambda signals, keep, params: signals.last_row,
+    prune_layer=lambda params: params["layer"],
+    params=(Param("layer", int, 2, "decoder layer K (0-based) from which image tokens are pruned", "decoder"),),
 )

@@ -177,8 +177,10 @@ METHOD = VisionMethod(
     reference="Danielement321/HiPrune @6e83a12, arXiv 2508.00553",
     params=(
         Param("alpha", float, DEFAULT_ALPHA, "share of the budget for anchors + buffers (k_a = round(keep*alpha/5))"),
-        Param("object_layer", int, None, "encoder layer of the anchor attention (default: 9 of 24, scaled)", True),
-        Param("deep_layer", int, None, "encoder layer of the register attention (default: the feature layer)", True),
+        Param("object_layer", int, None, "encoder layer of the anchor attention (default: 9 of 24, scaled)", "encoder"),
+        Param(
+            "deep_layer", int, None, "encoder layer of the register attention (default: the feature layer)", "encoder"
+        ),
     ),
     tapped_layers=lambda params: (params["object_layer"], params["deep_layer"]),
     model_defaults=lambda depth, feature_layer: {

@@ -11,10 +11,14 @@ from transformers import AutoConfig, PretrainedConfig
 from tpc.errors import UsageError, unknown_name
 from tpc.models_zoo.base import VisionEncoderAdapter, VisionGeometry
 from tpc.models_zoo.clip import ClipAdapter
+from tpc.models_zoo.llava import DecoderGeometry, LlavaAdapter, PromptLayout
 from tpc.models_zoo.siglip import SiglipAdapter
 from tpc.models_zoo.zoo import ZOO, ZooEntry, materialize
 
-FAMILIES: dict[str, VisionEncoderAdapter] = {a.family: a for a in (ClipAdapter(), SiglipAdapter())}
+Adapter = VisionEncoderAdapter | LlavaAdapter
+ENCODERS: dict[str, VisionEncoderAdapter] = {a.family: a for a in (ClipAdapter(), SiglipAdapter())}
+_TOWERS = {t: a for a in ENCODERS.values() for t in a.model_types if t.endswith("_vision_model")}
+FAMILIES: dict[str, Adapter] = {**ENCODERS, "llava": LlavaAdapter(_TOWERS)}
 _BY_MODEL_TYPE = {t: a for a in FAMILIES.values() for t in a.model_types}
 ZOO_PREFIX = "zoo:"
 _WEIGHT_FILES = (
@@ -25,7 +29,7 @@ _WEIGHT_FILES = (
 )
 
 
-def adapter_for_family(family: str) -> VisionEncoderAdapter:
+def adapter_for_family(family: str) -> Adapter:
     return FAMILIES[family]
 
 
@@ -34,7 +38,7 @@ class ModelSource:
     """A resolved MODEL argument: what the user wrote, its family, its config, where its weights are."""
 
     ref: str
-    adapter: VisionEncoderAdapter
+    adapter: Adapter
     config: PretrainedConfig
     user_dir: Path | None = None  # a user's local model directory
     zoo_entry: ZooEntry | None = None  # or a built-in model, saved on first use
@@ -92,4 +96,16 @@ def resolve(ref: str) -> ModelSource:
     return ModelSource(ref, _BY_MODEL_TYPE[model_type], config, user_dir=path)
 
 
-__all__ = ["FAMILIES", "ZOO", "ModelSource", "VisionEncoderAdapter", "VisionGeometry", "ZooEntry", "resolve"]
+__all__ = [
+    "FAMILIES",
+    "ZOO",
+    "Adapter",
+    "DecoderGeometry",
+    "LlavaAdapter",
+    "ModelSource",
+    "PromptLayout",
+    "VisionEncoderAdapter",
+    "VisionGeometry",
+    "ZooEntry",
+    "resolve",
+]

@@ -53,6 +53,7 @@ class VisionEncoderAdapter(ABC):
     """One ViT-style encoder family (CLIP, SigLIP, ...)."""
 
     family: ClassVar[str]
+    kind: ClassVar[str] = "encoder"
     model_types: ClassVar[tuple[str, ...]]  # config.json `model_type` values this family loads
     model_class: ClassVar[type[PreTrainedModel]]
     prefix_tokens: ClassVar[int]

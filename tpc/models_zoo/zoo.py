@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, PretrainedConfig, SiglipVisionConfig
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, PretrainedConfig, SiglipVisionConfig
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,52 @@ def _tiny(config_class: type[PretrainedConfig]) -> Callable[[], PretrainedConfig
     )
 
 
+def _tiny_llava() -> LlavaConfig:
+    """tiny-clip's tower + a 4-layer Llama (GQA: 4 query heads, 2 KV heads); 256 image tokens, exports in seconds."""
+    text = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        initializer_range=0.1,  # peaked attention and logits, as in a trained model (see the module docstring)
+    )
+    return LlavaConfig(
+        vision_config=_tiny(CLIPVisionConfig)().to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=500,
+        image_seq_length=256,
+    )
+
+
+def _llava_bench() -> LlavaConfig:
+    """LLaVA-1.5's token geometry (336 px / 14 -> 24x24 = 576 image tokens, CLIP layers 24, feature layer -2)
+    at reduced width, so that on 2 CPU cores the decoder prefill dominates time to first token as the 7B decoder
+    does on a GPU, and one prefill takes about a second."""
+    vision = CLIPVisionConfig(
+        image_size=336,
+        patch_size=14,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=24,
+        num_attention_heads=4,
+        initializer_factor=4.0,
+    )
+    text = LlamaConfig(
+        vocab_size=32064,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        initializer_range=0.05,
+    )
+    return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=32000)
+
+
 ZOO: dict[str, ZooEntry] = {
     entry.name: entry
     for entry in (
@@ -65,6 +111,13 @@ ZOO: dict[str, ZooEntry] = {
                 projection_dim=768,
                 initializer_factor=4.0,
             ),
+        ),
+        ZooEntry("tiny-llava", "llava", "LLaVA: tiny-clip tower, MLP projector, 4-layer Llama d=64", _tiny_llava),
+        ZooEntry(
+            "llava-bench",
+            "llava",
+            "LLaVA-1.5 token geometry (576 image tokens), narrow CLIP tower, 8-layer Llama d=512 (benchmarks)",
+            _llava_bench,
         ),
     )
 }

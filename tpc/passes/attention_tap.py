@@ -10,12 +10,12 @@ exists. Every untapped layer keeps the fused SDPA kernel.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 TAP_IMPLEMENTATION = "tpc_tap"
 # A block of query rows holds at most this many attention probabilities (float32) at once.
@@ -62,6 +62,37 @@ class ReceivedAttention:
         return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
+class LastRowAttention:
+    """Tap: softmax(q_last K^T * scale) of the last query row, mean over heads -> (B, N_keys) (FastV's signal).
+
+    The layer itself runs on SDPA; only one extra row of probabilities is computed. Grouped-query attention
+    repeats the key heads as the model's own attention does. The last row of a causal prompt sees every key.
+    """
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+
+    def __call__(
+        self,
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        scaling: float,
+    ) -> tuple[Tensor, None]:
+        if query.shape[2] == 1:  # a decode step: one query, no prompt row to score
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
+        groups = query.shape[1] // key.shape[1]
+        keys = repeat_kv(key, groups) if groups > 1 else key
+        logits = torch.matmul(query[:, :, -1:], keys.transpose(-1, -2)) * scaling
+        self.value = torch.softmax(logits, dim=-1, dtype=torch.float32)[:, :, 0].mean(dim=1)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
+
+
+Tap = ReceivedAttention | LastRowAttention
+
+
 def _tap_or_sdpa(
     module: nn.Module,
     query: Tensor,
@@ -72,7 +103,7 @@ def _tap_or_sdpa(
     dropout: float = 0.0,
     **kwargs: object,
 ) -> tuple[Tensor, Tensor | None]:
-    tap: ReceivedAttention | None = getattr(module, "tpc_tap", None)
+    tap: Tap | None = getattr(module, "tpc_tap", None)
     if tap is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -83,16 +114,20 @@ def _tap_or_sdpa(
 AttentionInterface.register(TAP_IMPLEMENTATION, _tap_or_sdpa)
 
 
-def insert_received_attention_taps(
-    attention_modules: Mapping[int, nn.Module], block_elements: int = DEFAULT_BLOCK_ELEMENTS
-) -> dict[int, ReceivedAttention]:
+def insert_taps(attention_modules: Mapping[int, nn.Module], make_tap: Callable[[], Tap]) -> dict[int, Tap]:
     """Attach a tap to each given attention module (keyed by layer) and route the model through `tpc_tap`.
 
-    The attention config is shared by every layer of the tower, so untapped layers go through the same
+    The attention config is shared by every layer of the stack, so untapped layers go through the same
     dispatcher and land on SDPA.
     """
     taps = {}
     for layer, attention in attention_modules.items():
         attention.config._attn_implementation = TAP_IMPLEMENTATION
-        attention.tpc_tap = taps[layer] = ReceivedAttention(block_elements)
+        attention.tpc_tap = taps[layer] = make_tap()
     return taps
+
+
+def insert_received_attention_taps(
+    attention_modules: Mapping[int, nn.Module], block_elements: int = DEFAULT_BLOCK_ELEMENTS
+) -> dict[int, Tap]:
+    return insert_taps(attention_modules, lambda: ReceivedAttention(block_elements))

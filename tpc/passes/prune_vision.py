@@ -1,63 +1,94 @@
-"""Model pass: a vision encoder cut at its feature layer, with score taps and one static prune point.
+"""Model pass: a vision tower cut at its feature layer(s), with score taps and one static prune point.
 
-The pruned encoder runs layers 1..L (L = the feature layer, or the deepest tapped layer if deeper), reads the
-taps, lets the method turn them into priorities, and keeps K patch tokens with the shared select op. Layers
-after L never run: their output is not what a VLM consumes (LLaVA takes layer -2).
+The pruned tower runs layers 1..L (L = the deepest feature or tapped layer), reads the taps, lets the method
+turn them into priorities, and keeps K tokens with the shared select op. Layers after L never run: their output
+is not what a VLM consumes (LLaVA takes layer -2).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from tpc.methods import VisionSignals
+from tpc.methods import VisionMethod, VisionSignals
+from tpc.models_zoo import VisionEncoderAdapter, VisionGeometry
 from tpc.ops import gather_tokens, select_tokens
 from tpc.passes.attention_tap import insert_received_attention_taps
-
-if TYPE_CHECKING:
-    from tpc.pipeline import Plan
 
 INPUT_NAMES = ("pixel_values",)
 OUTPUT_NAMES = ("kept_features", "kept_indices")
 
 
+@dataclass(frozen=True)
+class VisionCut:
+    """Where and how a tower is pruned.
+
+    `keep` counts the tokens handed on. With `keep_prefix` (LLaVA's "full" feature strategy) the prefix (CLS)
+    tokens are handed on too: they are always kept and count towards `keep`, so the method picks
+    `keep - prefix` patches.
+    """
+
+    adapter: VisionEncoderAdapter
+    geometry: VisionGeometry
+    method: VisionMethod
+    keep: int
+    method_params: dict[str, Any]
+    feature_layers: tuple[int, ...]
+    keep_prefix: bool = False
+
+    @property
+    def kept_prefix(self) -> int:
+        return self.geometry.prefix_tokens if self.keep_prefix else 0
+
+    @property
+    def patch_budget(self) -> int:
+        return self.keep - self.kept_prefix
+
+    @property
+    def tapped_layers(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.method.tapped_layers(self.method_params))))
+
+    @property
+    def depth(self) -> int:
+        """Tower layers the pruned graph runs."""
+        return max((*self.feature_layers, *self.tapped_layers))
+
+
 class PrunedVisionEncoder(nn.Module):
     """pixel_values (B, C, H, W) -> kept_features (B, K, D), kept_indices (B, K) int64 ascending."""
 
-    def __init__(self, model: PreTrainedModel, plan: Plan) -> None:
+    def __init__(self, model: PreTrainedModel, cut: VisionCut) -> None:
         super().__init__()
         self.model = model
-        self.adapter = plan.source.adapter
-        self.method = plan.method
-        self.keep = plan.keep
-        self.params = plan.method_params
-        self.geometry = plan.source.geometry
-        self.feature_layer = plan.feature_layer
-        self.depth = plan.depth
-        layers = self.adapter.layers(model)
-        self.taps = insert_received_attention_taps(
-            {n: self.adapter.attention(layers[n - 1]) for n in plan.tapped_layers}
-        )
+        self.cut = cut
+        layers = cut.adapter.layers(model)
+        self.taps = insert_received_attention_taps({n: cut.adapter.attention(layers[n - 1]) for n in cut.tapped_layers})
 
     def forward(self, pixel_values: Tensor, forced_indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`forced_indices` replaces the selection (teacher forcing, to separate a selection flip from drift)."""
-        prefix = self.geometry.prefix_tokens
-        hidden = self.adapter.embed(self.model, pixel_values)
-        features = hidden[:, prefix:]
-        for number, layer in enumerate(self.adapter.layers(self.model)[: self.depth], start=1):
-            hidden = self.adapter.run_layer(layer, hidden)
-            if number == self.feature_layer:
-                features = hidden[:, prefix:]
+        cut, prefix = self.cut, self.cut.geometry.prefix_tokens
+        hidden = cut.adapter.embed(self.model, pixel_values)
+        collected = {}
+        for number, layer in enumerate(cut.adapter.layers(self.model)[: cut.depth], start=1):
+            hidden = cut.adapter.run_layer(layer, hidden)
+            if number in cut.feature_layers:
+                collected[number] = hidden
+        tokens = torch.cat([collected[n] for n in cut.feature_layers], dim=-1)[:, prefix - cut.kept_prefix :]
         if forced_indices is not None:
-            return gather_tokens(features, forced_indices), forced_indices
-        if not self.method.prunes:
-            all_tokens = torch.arange(features.shape[1], device=features.device).expand(features.shape[:2])
-            return features, all_tokens
+            return gather_tokens(tokens, forced_indices), forced_indices
+        if not cut.method.prunes:
+            all_tokens = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[:2])
+            return tokens, all_tokens
         received = {layer: tap.value[:, prefix:] for layer, tap in self.taps.items()}
-        signals = VisionSignals(received=received, features=features, grid=self.geometry.grid)
-        priority = self.method.priority(signals, self.keep, self.params)
-        kept_indices, kept_features = select_tokens(priority, features, self.keep)
+        patches = tokens[:, cut.kept_prefix :]
+        signals = VisionSignals(received=received, features=patches, grid=cut.geometry.grid)
+        priority = cut.method.priority(signals, cut.patch_budget, cut.method_params)
+        if cut.kept_prefix:  # +inf ranks first and ties go to the lower index: the prefix is always kept
+            always = priority.new_full((priority.shape[0], cut.kept_prefix), float("inf"))
+            priority = torch.cat([always, priority], dim=1)
+        kept_indices, kept_features = select_tokens(priority, tokens, cut.keep)
         return kept_features, kept_indices

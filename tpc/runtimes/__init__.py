@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from tpc.runtimes.base import Runtime
+from tpc.runtimes.generation import VLM, GenerationLoop
 from tpc.runtimes.onnxruntime import OnnxRuntime
 
 RUNTIMES: dict[str, type[Runtime]] = {r.name: r for r in (OnnxRuntime,)}
 
-__all__ = ["RUNTIMES", "OnnxRuntime", "Runtime"]
+__all__ = ["RUNTIMES", "VLM", "GenerationLoop", "OnnxRuntime", "Runtime"]

@@ -1,0 +1,190 @@
+"""LLaVA-style VLMs (`LlavaForConditionalGeneration`): a CLIP/SigLIP tower, an MLP projector, a Llama-family decoder.
+
+Everything tpc needs is read from the config: the image token id, how many image tokens one image becomes
+(the patch grid, plus CLS under `vision_feature_select_strategy="full"`), which tower layer(s) the features come
+from (`vision_feature_layer`, an index into the tower's hidden states, possibly a list), and the decoder's
+shape. The vision tower reuses the encoder family adapters, so HiPrune taps it exactly as it taps a bare encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+from transformers import LlavaForConditionalGeneration, PretrainedConfig, PreTrainedModel
+
+from tpc.errors import UsageError
+from tpc.models_zoo.base import VisionEncoderAdapter, VisionGeometry
+
+# LLaVA-1.5's conversation: BOS + a 34-token system prompt + "USER: " precede the image (the reference
+# hard-codes SYS_TOKEN_LEN = 35); "\n{question} ASSISTANT:" follows it. Used when a model has no tokenizer.
+DEFAULT_IMAGE_START = 35
+DEFAULT_TEXT_AFTER_IMAGE = 12
+
+
+@dataclass(frozen=True)
+class DecoderGeometry:
+    """Shapes of a Llama-family decoder, as its config states them."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+
+    def layer_flops(self, tokens: int, context: int) -> int:
+        """2x multiply-adds of one decoder layer for `tokens` new tokens attending to `context` keys on average."""
+        d, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        projections = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size
+        return 2 * tokens * projections + 2 * 2 * tokens * context * q
+
+    def head_flops(self, tokens: int) -> int:
+        return 2 * tokens * self.hidden_size * self.vocab_size
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """A static prompt: `text_len` text tokens with one image's `image_tokens` tokens at `image_start`."""
+
+    text_len: int
+    image_start: int
+    image_tokens: int
+
+    @property
+    def length(self) -> int:
+        """Tokens of the unpruned prompt, as transformers' processor expands it."""
+        return self.text_len + self.image_tokens
+
+
+class LlavaAdapter:
+    """One VLM family. Not a VisionEncoderAdapter: it owns one (the tower's) and adds the decoder side."""
+
+    family: ClassVar[str] = "llava"
+    kind: ClassVar[str] = "vlm"
+    model_types: ClassVar[tuple[str, ...]] = ("llava",)
+    model_class: ClassVar[type[PreTrainedModel]] = LlavaForConditionalGeneration
+
+    def __init__(self, towers: dict[str, VisionEncoderAdapter]) -> None:
+        self.towers = towers  # vision model_type -> encoder adapter
+
+    def tower(self, config: PretrainedConfig) -> VisionEncoderAdapter:
+        model_type = config.vision_config.model_type
+        if model_type not in self.towers:
+            raise UsageError(
+                f"LLaVA vision tower of type '{model_type}' is not supported; supported: {', '.join(self.towers)}"
+            )
+        return self.towers[model_type]
+
+    def load(self, path: Path) -> PreTrainedModel:
+        model = self.model_class.from_pretrained(str(path), attn_implementation="sdpa")
+        return model.eval()
+
+    def geometry(self, config: PretrainedConfig) -> VisionGeometry:
+        return self.tower(config).geometry(config.vision_config)
+
+    def decoder(self, config: PretrainedConfig) -> DecoderGeometry:
+        text = config.text_config
+        heads = text.num_attention_heads
+        return DecoderGeometry(
+            num_layers=text.num_hidden_layers,
+            hidden_size=text.hidden_size,
+            num_heads=heads,
+            num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            intermediate_size=text.intermediate_size,
+            vocab_size=text.vocab_size,
+        )
+
+    def feature_layers(self, config: PretrainedConfig) -> tuple[int, ...]:
+        """`vision_feature_layer` (indices into hidden_states, 0 = embeddings) as 1-based layer numbers."""
+        depth = self.geometry(config).num_layers
+        given = config.vision_feature_layer
+        indices = given if isinstance(given, list | tuple) else [given]
+        layers = tuple(index if index >= 0 else depth + 1 + index for index in indices)
+        if not all(1 <= layer <= depth for layer in layers):
+            raise UsageError(
+                f"vision_feature_layer {given} selects outside the tower's layers 1..{depth} "
+                "(the embeddings, index 0, are not supported)"
+            )
+        return layers
+
+    def keeps_prefix(self, config: PretrainedConfig) -> bool:
+        """Whether the LLM sees the tower's prefix (CLS) tokens: strategy 'full' keeps them, 'default' drops them."""
+        strategy = config.vision_feature_select_strategy
+        if strategy not in ("default", "full"):
+            raise UsageError(f"vision_feature_select_strategy '{strategy}' is not one of 'default', 'full'")
+        return strategy == "full"
+
+    def image_tokens(self, config: PretrainedConfig) -> int:
+        geometry = self.geometry(config)
+        return geometry.num_patches + (geometry.prefix_tokens if self.keeps_prefix(config) else 0)
+
+    def image_token_id(self, config: PretrainedConfig) -> int:
+        return int(config.image_token_id)
+
+    def eos_token_ids(self, config: PretrainedConfig) -> list[int]:
+        eos = getattr(config.text_config, "eos_token_id", None)
+        return [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+    # where the parts are in a loaded model
+    def vision_tower(self, model: PreTrainedModel) -> PreTrainedModel:
+        return model.model.vision_tower
+
+    def projector(self, model: PreTrainedModel) -> nn.Module:
+        return model.model.multi_modal_projector
+
+    def language_model(self, model: PreTrainedModel) -> nn.Module:
+        return model.model.language_model
+
+    def lm_head(self, model: PreTrainedModel) -> nn.Module:
+        return model.lm_head
+
+    def decoder_layers(self, model: PreTrainedModel) -> nn.ModuleList:
+        return self.language_model(model).layers
+
+    def embed_text(self, model: PreTrainedModel, input_ids: Tensor) -> Tensor:
+        return self.language_model(model).embed_tokens(input_ids)
+
+    def rotary(self, model: PreTrainedModel, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        return self.language_model(model).rotary_emb(hidden, position_ids)
+
+    def final_norm(self, model: PreTrainedModel, hidden: Tensor) -> Tensor:
+        return self.language_model(model).norm(hidden)
+
+    def default_layout(self, config: PretrainedConfig, path: Path | None, prompt_len: int | None) -> PromptLayout:
+        """The prompt: LLaVA-1.5's layout, or the model's chat template with one image when it has a tokenizer."""
+        template = chat_template_ids(path, self.image_token_id(config)) if path is not None else None
+        image_start = DEFAULT_IMAGE_START if template is None else template.index(self.image_token_id(config))
+        text_len = DEFAULT_IMAGE_START + DEFAULT_TEXT_AFTER_IMAGE if template is None else len(template) - 1
+        if prompt_len is not None:
+            if prompt_len < 2:
+                raise UsageError(f"--prompt-len {prompt_len} is too short: at least 2 text tokens around the image")
+            text_len, image_start = prompt_len, min(image_start, prompt_len - 1)
+        return PromptLayout(text_len, image_start, self.image_tokens(config))
+
+
+DEFAULT_QUESTION = "What is shown in this image?"
+
+
+def chat_template_ids(path: Path, image_token_id: int) -> list[int] | None:
+    """Token ids of the model's chat template for one image and a default question (image as one token)."""
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError):
+        return None
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DEFAULT_QUESTION}]}
+    ]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids if ids.count(image_token_id) == 1 else None
