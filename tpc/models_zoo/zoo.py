@@ -83,7 +83,7 @@ def _llava_bench() -> LlavaConfig:
         vocab_size=32064,
         hidden_size=512,
         intermediate_size=1536,
-        num_hidden_layers=8,
+        num_hidden_layers=12,
         num_attention_heads=8,
         num_key_value_heads=8,
         max_position_embeddings=4096,
@@ -116,7 +116,7 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry(
             "llava-bench",
             "llava",
-            "LLaVA-1.5 token geometry (576 image tokens), narrow CLIP tower, 8-layer Llama d=512 (benchmarks)",
+            "LLaVA-1.5 token geometry (576 image tokens), narrow CLIP tower, 12-layer Llama d=512 (benchmarks)",
             _llava_bench,
         ),
     )
