@@ -6,7 +6,7 @@ STAMP := $(VENV)/.tpc-installed
 # Every pip call carries the constraints file: it pins torch==2.13.0 (the local CPU wheel).
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install demo test lint bench-taps clean
+.PHONY: install demo test lint bench-taps bench-llava clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/tpc export zoo:tiny-clip --method hiprune --keep 16 --target onnx --output out/demo --force
+	$(BIN)/tpc export zoo:tiny-llava --method hiprune --keep 64 --target onnx --output out/demo --force
 	$(BIN)/tpc verify out/demo
 
 test: $(STAMP)
@@ -29,6 +29,9 @@ lint: $(STAMP)
 
 bench-taps: $(STAMP)
 	$(BIN)/python benchmarks/attention_tap.py
+
+bench-llava: $(STAMP)
+	$(BIN)/python benchmarks/llava_prefill.py
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

@@ -30,7 +30,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from typing import Any
 
 import matplotlib
 import torch
-import transformers
+from machine import machine
 from torch import Tensor, nn
 from transformers import CLIPVisionModel
 
@@ -169,31 +168,6 @@ def in_fresh_process(function: Callable[..., Any], *args: object) -> Any:
         return pool.submit(function, *args).result()
 
 
-def machine() -> dict[str, object]:
-    """Where the numbers come from."""
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    mem_kib = next(
-        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if "MemTotal" in line
-    )
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem_kib / 1024**2, 1),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "torch_threads": THREADS,
-    }
-
-
 def ratios(by_key: dict[tuple[str, int], Measurement], batch: int) -> dict[str, float]:
     """Same-run ratios for one batch size."""
     ref, tpc, sdpa = (by_key[a, batch] for a in APPROACHES)
@@ -274,7 +248,10 @@ def main() -> None:
         "warmup": 1,
         "timing": "one process per batch, approaches interleaved in rotating order; median of the repeats",
         "memory": "one fresh process per (approach, batch): VmHWM - VmRSS over one forward, weights resident",
-        "machine": {**machine(), "load_average_1min": {"start": load_average, "end": os.getloadavg()[0]}},
+        "machine": {
+            **machine(torch_threads=THREADS),
+            "load_average_1min": {"start": load_average, "end": os.getloadavg()[0]},
+        },
         "measurements": [asdict(m) for m in measurements],
         "ratios": {str(batch): ratios(by_key, batch) for batch in args.batches},
         "scores_check": {

@@ -40,7 +40,10 @@ CASES = [
     ),
     (["--method", "hiprune", "--keep", "8", "--dtype", "int8"], "unknown dtype 'int8'"),
     (["--method", "hiprune", "--keep", "8", "--target", "executorch"], "target 'executorch' is not available"),
-    (["--method", "hiprune", "--keep", "8", "--prompt-len", "32"], "--prompt-len and --max-new-tokens apply to VLM models"),
+    (
+        ["--method", "hiprune", "--keep", "8", "--prompt-len", "32"],
+        "--prompt-len and --max-new-tokens apply to VLM models",
+    ),
     (["--keep", "8"], "Missing option '--method'"),
 ]
 
@@ -57,7 +60,11 @@ def test_bad_export_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_unknown_zoo_name_lists_the_zoo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _run(capsys, _export(tmp_path / "o", "--method", "hiprune", "--keep", "8", model="zoo:tiny-vit"))
-    assert code == 2 and "unknown zoo model 'tiny-vit'; valid: clip-vit-l-336, llava-bench, tiny-clip, tiny-llava, tiny-siglip" in err
+    assert (
+        code == 2
+        and "unknown zoo model 'tiny-vit'; valid: clip-vit-l-336, llava-bench, tiny-clip, tiny-llava, tiny-siglip"
+        in err
+    )
 
 
 def test_model_directory_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

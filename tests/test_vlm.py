@@ -21,6 +21,7 @@ from tpc.methods import fastv, hiprune
 from tpc.pipeline import PruneRequest, build
 from tpc.runtimes import VLM
 from tpc.verification import generation_inputs, verify
+from tpc.vlm import seeded_prompt
 
 STANDALONE_COMPONENTS = textwrap.dedent(
     """
@@ -48,7 +49,8 @@ STANDALONE_COMPONENTS = textwrap.dedent(
     g = manifest["generation"]
     sample = dict(np.load(f"{directory}/samples/generation.npz"))
     ids, start = sample["input_ids"], g["prompt"]["image_start"]
-    ids = np.concatenate([ids[:, : start + g["prefill"]["image_tokens"]], ids[:, start + g["prompt"]["image_tokens"] :]], 1)
+    kept, image_tokens = g["prefill"]["image_tokens"], g["prompt"]["image_tokens"]
+    ids = np.concatenate([ids[:, : start + kept], ids[:, start + image_tokens :]], 1)
     embeds = sessions["vision"].run(["image_embeds"], {"pixel_values": sample["pixel_values"]})[0]
     names = [o.name for o in sessions["prefill"].get_outputs()]
     out = dict(zip(names, sessions["prefill"].run(names, {"input_ids": ids, "image_embeds": embeds})))
@@ -78,6 +80,7 @@ def test_cli_export_hiprune_components_verify_and_run_standalone(tmp_path: Path)
         == 0
     )
     assert cli("verify", str(out)) == 0
+    assert cli("verify", str(out), "--inputs", str(out / "samples" / "generation.npz")) == 0
     manifest = json.loads((out / "tpc.json").read_text())
     assert [c["artifact"] for c in manifest["components"]] == ["vision.onnx", "prefill.onnx", "decode.onnx"]
     prefill = {s["name"]: s["shape"] for s in manifest["components"][1]["inputs"]}
@@ -256,7 +259,8 @@ def _word_level_tokenizer(directory: Path, image_token_id: int, vocab_size: int)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tokenizer.chat_template = (
         "{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
-        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+        "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
     )
     tokenizer.save_pretrained(directory)
 
@@ -270,6 +274,8 @@ def test_prompt_layout_comes_from_the_chat_template_when_a_tokenizer_is_present(
     plan = build(PruneRequest(str(directory), "uniform", 16)).plan
     # "USER: <image> What is shown in this image? ASSISTANT:": 9 tokens, the image token second
     assert plan.prompt.image_start == 1 and plan.prompt.text_len == 8
+    ids = seeded_prompt(plan, seed=0)[0]  # seed 0 is the template's prompt, the image expanded
+    assert ids[:3].tolist() == [3, 299, 299] and ids[-2:].tolist() == [10, 4] and len(ids) == 8 + 64
     assert build(PruneRequest(str(directory), "uniform", 16, prompt_len=20)).plan.prompt.text_len == 20
 
 
@@ -291,7 +297,7 @@ def test_generate_rejects_a_prompt_of_another_layout(exported: Callable[..., Pat
         (["--method", "hiprune", "--keep", "300"], "one image is 256 image tokens in the prompt (use 1..256)"),
         (["--method", "hiprune", "--keep", "64", "--param", "feature_layer=2"], "--param feature_layer does not apply"),
         (["--method", "none", "--prompt-len", "1"], "--prompt-len 1 is too short"),
-        (["--method", "none", "--max-new-tokens", "1"], "--max-new-tokens must be at least 2"),
+        (["--method", "none", "--max-new-tokens", "7"], "--max-new-tokens must be at least 8"),
     ],
 )
 def test_bad_vlm_arguments_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list, message: str):

@@ -13,7 +13,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 
@@ -21,7 +20,7 @@ import tpc
 from tpc.errors import UsageError
 from tpc.exporter import get_target, runtime_for
 from tpc.exporter.manifest import ComponentSpec, Manifest, TensorSpec, write_samples
-from tpc.pipeline import Pruned, PruneRequest, build
+from tpc.pipeline import Pruned, PruneRequest, as_arrays, build
 from tpc.progress import Step, silent
 from tpc.verification import VerifyReport, eager_outputs, verify, write_generation_sample
 
@@ -98,10 +97,6 @@ def _manifest(pruned: Pruned, target_name: str, components: list[ComponentSpec],
     )
 
 
-def _to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {name: t.numpy() for name, t in tensors.items()}
-
-
 def export(
     request: PruneRequest,
     target: str,
@@ -122,29 +117,29 @@ def export(
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tpc-", dir=output.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
     try:
-        first_inputs = pruned.samples(seed=0)
+        first_inputs = as_arrays(pruned.samples(seed=0))
         specs, versions = [], {}
         for name, component in pruned.components.items():
             inputs = first_inputs[name]
-            artifact = f"{component.artifact_stem}{exporter.suffix}"
+            artifact = f"{name}{exporter.suffix}"
             with step(f"export {name} to {target}"):
-                graph = exporter.export(component.module, inputs, component.output_names, staging / artifact)
+                tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
+                graph = exporter.export(component.module, tensors, component.output_names, staging / artifact)
             versions.update(graph.pop("versions", {}))
-            input_arrays = _to_numpy(inputs)
-            expected = eager_outputs(component, input_arrays)
-            write_samples(staging, name, input_arrays, expected)
+            expected = eager_outputs(component, inputs)
+            write_samples(staging, name, inputs, expected)
             specs.append(
                 ComponentSpec(
                     name,
                     artifact,
-                    [TensorSpec.of(n, a) for n, a in input_arrays.items()],
+                    [TensorSpec.of(n, a) for n, a in inputs.items()],
                     [TensorSpec.of(n, a) for n, a in expected.items()],
                     graph,
                 )
             )
         manifest = _manifest(pruned, target, specs, versions)
         if manifest.generation is not None:
-            write_generation_sample(staging, pruned, manifest.generation)
+            write_generation_sample(staging, pruned)
         manifest.write(staging)
         report = None
         if run_verify:

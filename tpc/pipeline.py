@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -45,10 +46,6 @@ class Component:
     module: nn.Module
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
-
-    @property
-    def artifact_stem(self) -> str:
-        return self.name
 
 
 @dataclass
@@ -90,6 +87,11 @@ class Pruned:
 
     def samples(self, seed: int = 0) -> dict[str, dict[str, Tensor]]:
         return self.make_samples(seed)
+
+
+def as_arrays(samples: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, np.ndarray]]:
+    """Per-component tensors -> numpy arrays (what runtimes and sample files take)."""
+    return {name: {k: t.numpy() for k, t in inputs.items()} for name, inputs in samples.items()}
 
 
 def check_layer(name: str, value: int, depth: int, stack: str = "encoder") -> None:

@@ -26,7 +26,7 @@ import torch
 from tpc.errors import UsageError
 from tpc.exporter import runtime_for
 from tpc.exporter.manifest import GENERATION_FILE, INPUTS_FILE, SAMPLES_DIR, Manifest, TensorSpec, read_samples
-from tpc.pipeline import SINGLE, Component, Pruned, PruneRequest, build, seeded_pixels
+from tpc.pipeline import SINGLE, Component, Pruned, PruneRequest, as_arrays, build, seeded_pixels
 from tpc.progress import Step, silent
 from tpc.runtimes import Runtime
 from tpc.runtimes.generation import GenerationLoop, prefill_ids
@@ -134,7 +134,7 @@ def generation_inputs(pruned: Pruned, seed: int) -> tuple[np.ndarray, np.ndarray
     return seeded_pixels(pruned.source, pruned.request, seed).numpy(), seeded_prompt(pruned.plan, seed)
 
 
-def write_generation_sample(directory: Path, pruned: Pruned, generation: dict[str, Any]) -> None:
+def write_generation_sample(directory: Path, pruned: Pruned) -> None:
     pixels, ids = generation_inputs(pruned, seed=0)
     tokens = eager_loop(pruned).generate(pixels, ids, stop_at_eos=False)
     np.savez(directory / SAMPLES_DIR / GENERATION_FILE, pixel_values=pixels, input_ids=ids, tokens=tokens)
@@ -175,7 +175,7 @@ def _sample_inputs(pruned: Pruned, entry: dict[str, np.ndarray]) -> dict[str, di
 
     ids = prefill_ids(pruned.plan.generation(), entry["input_ids"])
     tensors = chained_samples(pruned.plan, pruned.components, torch.from_numpy(entry["pixel_values"]), ids)
-    return {name: {k: t.numpy() for k, t in inputs.items()} for name, inputs in tensors.items()}
+    return as_arrays(tensors)
 
 
 def _diagnose(report: VerifyReport) -> str:
@@ -272,9 +272,7 @@ def verify(
     else:
         sample_inputs = [{c.name: read_samples(directory, c.name, INPUTS_FILE) for c in manifest.components}]
         for seed in seeds[1:]:
-            sample_inputs.append(
-                {name: {k: t.numpy() for k, t in inputs.items()} for name, inputs in pruned.samples(seed).items()}
-            )
+            sample_inputs.append(as_arrays(pruned.samples(seed)))
 
     tolerance = TOLERANCES[manifest.dtype]
     report = VerifyReport(

@@ -36,6 +36,7 @@ from tpc.pipeline import (
 from tpc.runtimes.generation import prefill_ids
 
 DEFAULT_MAX_NEW_TOKENS = 32
+MIN_NEW_TOKENS = 8
 COMPONENTS = ("vision", "prefill", "decode")
 
 
@@ -174,8 +175,11 @@ def plan_vlm(request: PruneRequest, source: ModelSource) -> VlmPlan:
     keep = resolve_keep(request.keep, method, num_image, prefix + 1, what)
     check_budget(method, keep - prefix, params)
     max_new = request.max_new_tokens if request.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS
-    if max_new < 2:
-        raise UsageError(f"--max-new-tokens must be at least 2, got {max_new}")
+    if max_new < MIN_NEW_TOKENS:
+        raise UsageError(
+            f"--max-new-tokens must be at least {MIN_NEW_TOKENS} (verification compares that many generated tokens), "
+            f"got {max_new}"
+        )
     user_dir = source.user_dir
     layout = adapter.default_layout(config, user_dir, request.prompt_len)
     return VlmPlan(request, source, method, keep, params, layout, max_new)
@@ -203,16 +207,21 @@ def build_vlm(plan: VlmPlan) -> Pruned:
 
 
 def seeded_prompt(plan: VlmPlan, seed: int) -> np.ndarray:
-    """(B, prompt length) int64: seeded text tokens around one image's run of image tokens (as a processor makes)."""
-    rng = np.random.default_rng(seed)
+    """(B, prompt length) int64, as a processor makes it: one image's run of image tokens inside text tokens.
+
+    Seed 0 of a model with a chat template is the template's prompt; otherwise the text tokens are seeded.
+    """
     image_id = plan.adapter.image_token_id(plan.source.config)
-    vocab = plan.decoder.vocab_size
-    ids = rng.integers(3, vocab, size=(plan.request.batch, plan.prompt.length), dtype=np.int64)
-    ids[ids == image_id] = 3
-    ids[:, 0] = 1  # BOS
-    start = plan.prompt.image_start
-    ids[:, start : start + plan.prompt.image_tokens] = image_id
-    return ids
+    start, count = plan.prompt.image_start, plan.prompt.image_tokens
+    if seed == 0 and plan.prompt.template is not None:
+        text = np.array([t for t in plan.prompt.template if t != image_id], dtype=np.int64)
+    else:
+        rng = np.random.default_rng(seed)
+        text = rng.integers(3, plan.decoder.vocab_size, size=plan.prompt.text_len, dtype=np.int64)
+        text[text == image_id] = 3
+        text[0] = 1  # BOS
+    row = np.concatenate([text[:start], np.full(count, image_id, dtype=np.int64), text[start:]])
+    return np.tile(row, (plan.request.batch, 1))
 
 
 def component_samples(plan: VlmPlan, components: dict[str, Component], seed: int) -> dict[str, dict[str, Tensor]]:

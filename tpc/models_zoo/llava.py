@@ -53,6 +53,7 @@ class PromptLayout:
     text_len: int
     image_start: int
     image_tokens: int
+    template: tuple[int, ...] | None = None  # the chat template's ids (image as one token), when they fit
 
     @property
     def length(self) -> int:
@@ -164,7 +165,8 @@ class LlavaAdapter:
             if prompt_len < 2:
                 raise UsageError(f"--prompt-len {prompt_len} is too short: at least 2 text tokens around the image")
             text_len, image_start = prompt_len, min(image_start, prompt_len - 1)
-        return PromptLayout(text_len, image_start, self.image_tokens(config))
+        fits = template is not None and len(template) - 1 == text_len
+        return PromptLayout(text_len, image_start, self.image_tokens(config), tuple(template) if fits else None)
 
 
 DEFAULT_QUESTION = "What is shown in this image?"

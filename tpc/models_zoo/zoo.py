@@ -81,11 +81,11 @@ def _llava_bench() -> LlavaConfig:
     )
     text = LlamaConfig(
         vocab_size=32064,
-        hidden_size=512,
-        intermediate_size=1536,
+        hidden_size=768,
+        intermediate_size=2048,
         num_hidden_layers=12,
-        num_attention_heads=8,
-        num_key_value_heads=8,
+        num_attention_heads=12,
+        num_key_value_heads=12,
         max_position_embeddings=4096,
         initializer_range=0.05,
     )
@@ -116,7 +116,7 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry(
             "llava-bench",
             "llava",
-            "LLaVA-1.5 token geometry (576 image tokens), narrow CLIP tower, 12-layer Llama d=512 (benchmarks)",
+            "LLaVA-1.5 token geometry (576 image tokens), narrow CLIP tower, 12-layer Llama d=768 (benchmarks)",
             _llava_bench,
         ),
     )

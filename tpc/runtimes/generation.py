@@ -86,11 +86,11 @@ class GenerationLoop:
         return np.stack(tokens, axis=1)
 
 
-class VLM:
+class VLM(GenerationLoop):
     """An exported VLM, loaded in the runtime of its target: `VLM.load(DIR).generate(pixel_values, input_ids)`."""
 
-    def __init__(self, loop: GenerationLoop, manifest: Any) -> None:
-        self.loop = loop
+    def __init__(self, components: Mapping[str, RunComponent], manifest: Any) -> None:
+        super().__init__(components, manifest.generation)
         self.manifest = manifest
 
     @classmethod
@@ -104,13 +104,4 @@ class VLM:
             raise UsageError(f"'{directory}' is a {manifest.model['family']} export, not a VLM: it has no generation")
         runtime = runtime_for(manifest.target)
         sessions = {c.name: runtime.load(directory / c.artifact) for c in manifest.components}
-        return cls(GenerationLoop({name: s.run for name, s in sessions.items()}, manifest.generation), manifest)
-
-    def generate(
-        self,
-        pixel_values: np.ndarray,
-        input_ids: np.ndarray,
-        max_new_tokens: int | None = None,
-        stop_at_eos: bool = True,
-    ) -> np.ndarray:
-        return self.loop.generate(pixel_values, input_ids, max_new_tokens, stop_at_eos)
+        return cls({name: session.run for name, session in sessions.items()}, manifest)
