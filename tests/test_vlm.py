@@ -328,3 +328,16 @@ def test_inspect_and_profile_a_vlm(exported: Callable[..., Path], tmp_path: Path
                "--json", str(report_file)) == 0  # fmt: skip
     report = json.loads(report_file.read_text())
     assert set(report["components"]) == {"vision", "prefill", "decode"} and report["speedup"] > 0
+
+
+@pytest.mark.parametrize(("method", "batch", "dtype"), [("fastv", 2, "fp32"), ("hiprune", 1, "fp16")])
+def test_batched_and_fp16_vlm_exports_verify(tmp_path: Path, method: str, batch: int, dtype: str) -> None:
+    from tpc.exporting import export
+
+    request = PruneRequest("zoo:tiny-llava", method, 64, dtype=dtype, batch=batch, max_new_tokens=8)
+    result = export(request, "onnx", tmp_path / "D", samples=2)
+    assert result.report is not None and result.report.passed, result.report
+    assert result.report.generation.rows == 2 * batch == result.report.generation.rows_equal
+    prefill = result.manifest.component("prefill")
+    assert {s.name: s.dtype for s in prefill.inputs}["image_embeds"] == ("float16" if dtype == "fp16" else "float32")
+    assert {s.name: s.shape[0] for s in prefill.inputs}["input_ids"] == batch
