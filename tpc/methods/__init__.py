@@ -7,7 +7,7 @@ branching on names.
 from __future__ import annotations
 
 from tpc.errors import unknown_name
-from tpc.methods import divprune, fastv, hiprune, none, random, uniform
+from tpc.methods import divprune, fastv, hiprune, none, random, uniform, vla_pruner
 from tpc.methods.base import Method, Param, PrefillMethod, PrefillSignals, VisionMethod, VisionSignals
 
 REGISTRY: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (hiprune, divprune, random, uniform, fastv, none)}
@@ -33,4 +33,5 @@ __all__ = [
     "hiprune",
     "random",
     "uniform",
+    "vla_pruner",
 ]

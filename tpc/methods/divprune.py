@@ -22,27 +22,36 @@ from tpc.methods.base import VisionMethod, accepts_unbatched
 from tpc.ops import select_indices
 
 
-def distance_matrix(embeds: Tensor) -> Tensor:
-    """(B, N, D) -> (B, N, N) symmetric cosine distance 1 - cos, computed in float32."""
-    x = embeds.float()
+def distance_matrix(embeds: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(B, N, D) -> (B, N, N) symmetric cosine distance 1 - cos, computed in `dtype` (float32 is what exports run;
+    float64 settles near-ties the way exact arithmetic does, for checking a pick order)."""
+    x = embeds.to(dtype)
     unit = x / x.norm(dim=-1, keepdim=True)
     distance = 1.0 - unit @ unit.transpose(-1, -2)
     return (distance + distance.transpose(-1, -2)) / 2
 
 
 @accepts_unbatched(batched_dims=3)
-def greedy_order(embeds: Tensor, keep: int) -> Tensor:
-    """(B, N, D) -> (B, keep) token indices in the order the greedy picks them; (N, D) -> (keep,)."""
+def greedy_order(
+    embeds: Tensor, keep: int, candidates: Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """(B, N, D) -> (B, keep) token indices in the order the greedy picks them; (N, D) -> (keep,).
+
+    `candidates` (B, N) bool restricts the greedy to a subset (VLA-Pruner's union), with the same static shapes:
+    distances from non-candidates are ignored and non-candidates are never picked.
+    """
     batch, num_tokens, _ = embeds.shape
     if not 1 <= keep <= num_tokens:
         raise ValueError(f"keep must be in [1, {num_tokens}], got {keep}")
-    distance = distance_matrix(embeds)
+    distance = distance_matrix(embeds, dtype)
     rows = torch.arange(batch, device=embeds.device)
-    # iteration 0: distance of each token to its nearest other token (2nd smallest in its column)
-    nearest = torch.topk(distance, 2, dim=-2, largest=False, sorted=True).values[:, 1, :]
-    pick = torch.argmax(nearest, dim=-1)
+    excluded = torch.zeros_like(distance[:, 0], dtype=torch.bool) if candidates is None else ~candidates
+    # iteration 0: distance of each candidate to its nearest other candidate (2nd smallest in its column)
+    among = torch.where(excluded.unsqueeze(-1), torch.full_like(distance, float("inf")), distance)
+    nearest = torch.topk(among, 2, dim=-2, largest=False, sorted=True).values[:, 1, :]
+    pick = torch.argmax(torch.where(excluded, torch.full_like(nearest, float("-inf")), nearest), dim=-1)
     picks = [pick]
-    picked = torch.nn.functional.one_hot(pick, num_tokens).bool()
+    picked = excluded | torch.nn.functional.one_hot(pick, num_tokens).bool()
     min_distance = distance[rows, pick]  # (B, N): distance of every token to the picked set
     for _ in range(keep - 1):
         candidate = torch.where(picked, torch.full_like(min_distance, float("-inf")), min_distance)
