@@ -94,9 +94,9 @@ def as_arrays(samples: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, np.n
     return {name: {k: t.numpy() for k, t in inputs.items()} for name, inputs in samples.items()}
 
 
-def check_layer(name: str, value: int, depth: int, stack: str = "encoder") -> None:
+def check_layer(name: str, value: int, depth: int) -> None:
     if not 1 <= value <= depth:
-        raise UsageError(f"--param {name}={value} is outside the {stack}'s layers 1..{depth}")
+        raise UsageError(f"--param {name}={value} is outside the encoder's layers 1..{depth}")
 
 
 def check_method_layers(method: Method, params: dict[str, Any], depths: Mapping[str, tuple[int, int]]) -> None:
