@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,10 +32,9 @@ import onnxruntime
 from machine import machine
 from rich.progress import Progress
 
-from tpc.exporter.manifest import INPUTS_FILE, Manifest, read_samples
 from tpc.exporting import export
 from tpc.pipeline import PruneRequest, plan
-from tpc.runtimes import OnnxRuntime
+from tpc.profiling import TimedExport
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -77,30 +74,6 @@ def ideal(method: str, keep: int | None) -> tuple[int, int]:
     """FLOPs of (vision + projector + prefill, one decode step) from the plan."""
     flops = plan(PruneRequest(MODEL, method, keep, max_new_tokens=MAX_NEW_TOKENS)).flops()
     return flops["tower"] + flops["projector"] + flops["prefill"], flops["decode_token"]
-
-
-class Timed:
-    """One export's three sessions and their sample inputs."""
-
-    def __init__(self, directory: Path) -> None:
-        manifest = Manifest.read(directory)
-        self.runs = {}
-        for component in manifest.components:
-            session = OnnxRuntime.load(directory / component.artifact)
-            self.runs[component.name] = (session, read_samples(directory, component.name, INPUTS_FILE))
-        self.times: dict[str, list[float]] = {"vision": [], "prefill": [], "decode": []}
-
-    def run_once(self, record: bool) -> None:
-        for name, (session, inputs) in self.runs.items():
-            start = time.perf_counter()
-            session.run(inputs)
-            if record:
-                self.times[name].append(time.perf_counter() - start)
-
-    def medians_ms(self) -> dict[str, float]:
-        medians = {name: statistics.median(t) * 1e3 for name, t in self.times.items()}
-        first_token = [(v + p) * 1e3 for v, p in zip(self.times["vision"], self.times["prefill"], strict=True)]
-        return {**medians, "first_token": statistics.median(first_token)}
 
 
 def plot(results: list[Result], path: Path) -> None:
@@ -145,23 +118,24 @@ def main() -> None:
             request = PruneRequest(MODEL, method, keep, max_new_tokens=MAX_NEW_TOKENS)
             result = export(request, "onnx", out, force=True, run_verify=True, samples=2)
             ideal_first, ideal_decode = ideal(method, keep)
-            results.append(Result(method, keep or 576, 0, 0, 0, 0, ideal_first, ideal_decode))
+            results.append(Result(method, result.manifest.keep, 0, 0, 0, 0, ideal_first, ideal_decode))
             results[-1].verified = bool(result.report and result.report.passed)
-            timed.append(Timed(out))
+            timed.append(TimedExport(out))
             progress.advance(task)
         task = progress.add_task("timing rounds", total=args.warmup + args.rounds)
         for round_number in range(args.warmup + args.rounds):
             shift = round_number % len(timed)
             for export_timing in timed[shift:] + timed[:shift]:
-                export_timing.run_once(record=round_number >= args.warmup)
+                export_timing.run_round(record=round_number >= args.warmup)
             progress.advance(task)
-    base, unpruned = timed[0].medians_ms(), results[0]
+    base_first, base_parts = timed[0].timings()
+    unpruned = results[0]
     for result, export_timing in zip(results, timed, strict=True):
-        medians = export_timing.medians_ms()
-        result.first_token_ms, result.vision_ms = medians["first_token"], medians["vision"]
-        result.prefill_ms, result.decode_ms = medians["prefill"], medians["decode"]
-        result.first_token_speedup = base["first_token"] / medians["first_token"]
-        result.decode_speedup = base["decode"] / medians["decode"]
+        first, parts = export_timing.timings()  # first token = per-round vision + prefill
+        result.first_token_ms, result.vision_ms = first.median_ms, parts["vision"].median_ms
+        result.prefill_ms, result.decode_ms = parts["prefill"].median_ms, parts["decode"].median_ms
+        result.first_token_speedup = base_first.median_ms / first.median_ms
+        result.decode_speedup = base_parts["decode"].median_ms / parts["decode"].median_ms
         result.ideal_first_token_speedup = unpruned.first_token_flops / result.first_token_flops
         result.ideal_decode_speedup = unpruned.decode_flops / result.decode_flops
     args.output.mkdir(parents=True, exist_ok=True)

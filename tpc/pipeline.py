@@ -81,10 +81,6 @@ class Pruned:
             return self.components[SINGLE].module
         return nn.ModuleDict({name: c.module for name, c in self.components.items()})
 
-    @property
-    def plan_kind(self) -> str:
-        return self.source.adapter.kind
-
     def samples(self, seed: int = 0) -> dict[str, dict[str, Tensor]]:
         return self.make_samples(seed)
 
@@ -146,10 +142,8 @@ def resolve_keep(
 
 
 def check_budget(method: Method, keep: int, params: dict[str, Any]) -> None:
-    check = getattr(method, "check_budget", None)
     try:
-        if check is not None:
-            check(keep, params)
+        method.check_budget(keep, params)
     except ValueError as error:
         raise UsageError(f"--keep {keep} with method {method.name}: {error}") from None
 

@@ -57,66 +57,57 @@ class ProfileReport:
 FIRST_TOKEN = ("vision", "prefill")
 
 
-@dataclass
-class _Opened:
-    """An export ready to time: one runnable per component, each with its first sample's inputs."""
+class TimedExport:
+    """An export ready to time: each component with its first sample's inputs, and the times recorded so far.
 
-    runs: dict[str, Callable[[], object]]
-    runtime: str
+    The headline of a round is what one call of the whole export costs: an encoder's graph, or a VLM's
+    vision + prefill (the time to first token), summed within the round.
+    """
 
-    def headline(self) -> list[str]:
-        names = [n for n in FIRST_TOKEN if n in self.runs]
-        return names or list(self.runs)
+    def __init__(self, directory: Path) -> None:
+        manifest = Manifest.read(directory)
+        runtime = runtime_for(manifest.target)
+        self.runtime = runtime.name
+        self.runs: dict[str, Callable[[], object]] = {}
+        for spec in manifest.components:
+            session = runtime.load(directory / spec.artifact)
+            self.runs[spec.name] = functools.partial(session.run, read_samples(directory, spec.name, INPUTS_FILE))
+        self.headline_parts = [n for n in FIRST_TOKEN if n in self.runs] or list(self.runs)
+        self.times: dict[str, list[float]] = {name: [] for name in self.runs}
+        self.headline: list[float] = []
 
+    def run_round(self, record: bool = True) -> None:
+        """One timed call of each component."""
+        total = 0.0
+        for name, run in self.runs.items():
+            start = time.perf_counter()
+            run()
+            elapsed = time.perf_counter() - start
+            if record:
+                self.times[name].append(elapsed)
+            total += elapsed if name in self.headline_parts else 0.0
+        if record:
+            self.headline.append(total)
 
-def _open(directory: Path) -> _Opened:
-    manifest = Manifest.read(directory)
-    runtime = runtime_for(manifest.target)
-    runs = {}
-    for spec in manifest.components:
-        session = runtime.load(directory / spec.artifact)
-        inputs = read_samples(directory, spec.name, INPUTS_FILE)
-        runs[spec.name] = functools.partial(session.run, inputs)
-    return _Opened(runs, runtime.name)
-
-
-def _time_round(opened: _Opened, times: dict[str, list[float]]) -> None:
-    """One timed call of each component; the headline is the sum of its components' times in this round."""
-    total = 0.0
-    for name, run in opened.runs.items():
-        start = time.perf_counter()
-        run()
-        elapsed = time.perf_counter() - start
-        times.setdefault(name, []).append(elapsed)
-        total += elapsed if name in opened.headline() else 0.0
-    times.setdefault(HEADLINE, []).append(total)
-
-
-HEADLINE = "__all__"
+    def timings(self) -> tuple[Timing, dict[str, Timing]]:
+        return Timing.of(self.headline), {name: Timing.of(t) for name, t in self.times.items()}
 
 
 def profile(directory: Path, runs: int = 50, warmup: int = 5, baseline: Path | None = None) -> ProfileReport:
     if runs < 1 or warmup < 0:
         raise UsageError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
-    opened = _open(Path(directory))
-    base = _open(Path(baseline)) if baseline is not None else None
-    times: dict[str, list[float]] = {}
-    base_times: dict[str, list[float]] = {}
+    timed = TimedExport(Path(directory))
+    base = TimedExport(Path(baseline)) if baseline is not None else None
     for round_number in range(warmup + runs):
         measured = round_number >= warmup
-        _time_round(opened, times if measured else {})
+        timed.run_round(measured)
         if base:
-            _time_round(base, base_times if measured else {})
-    report = ProfileReport(
-        str(directory),
-        opened.runtime,
-        Timing.of(times.pop(HEADLINE)),
-        {name: Timing.of(t) for name, t in times.items()},
-        machine=f"{platform.machine()} {platform.processor()}".strip(),
-    )
+            base.run_round(measured)
+    headline, components = timed.timings()
+    machine = f"{platform.machine()} {platform.processor()}".strip()
+    report = ProfileReport(str(directory), timed.runtime, headline, components, machine=machine)
     if base:
         report.baseline_directory = str(baseline)
-        report.baseline = Timing.of(base_times.pop(HEADLINE))
-        report.baseline_components = {name: Timing.of(t) for name, t in base_times.items()}
+        report.baseline, report.baseline_components = base.timings()
         report.speedup = report.baseline.median_ms / report.timing.median_ms
     return report

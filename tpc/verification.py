@@ -169,7 +169,7 @@ def _entry_specs(manifest: Manifest) -> dict[str, TensorSpec]:
 
 
 def _sample_inputs(pruned: Pruned, entry: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    if pruned.plan_kind == "encoder":
+    if SINGLE in pruned.components:
         return {SINGLE: entry}
     from tpc.vlm import chained_samples
 

@@ -37,7 +37,6 @@ from tpc.runtimes.generation import prefill_ids
 
 DEFAULT_MAX_NEW_TOKENS = 32
 MIN_NEW_TOKENS = 8
-COMPONENTS = ("vision", "prefill", "decode")
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ class VlmPlan:
             prefill_tokens=prefill_tokens,
             kept_lengths=lengths,
             decode_steps=self.max_new_tokens - 1,
-            next_position=prefill_tokens if not self.prunes_in_prefill else full,
+            next_position=prefill_tokens,  # FastV keeps original positions: the prefill saw the full prompt
         )
 
     def flops(self) -> dict[str, int]:

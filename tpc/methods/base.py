@@ -132,6 +132,8 @@ class PrefillMethod(_ResolvesParams):
     priority: Callable[[PrefillSignals, int, dict], Tensor]
     prune_layer: Callable[[dict], int]  # K
     params: tuple[Param, ...] = ()
+    # raises ValueError when a budget and parameters cannot work together
+    check_budget: Callable[[int, dict], None] = field(default=lambda keep, params: None)
     stage: str = "llm-prefill"
     prunes: bool = True
 

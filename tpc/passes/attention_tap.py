@@ -125,9 +125,3 @@ def insert_taps(attention_modules: Mapping[int, nn.Module], make_tap: Callable[[
         attention.config._attn_implementation = TAP_IMPLEMENTATION
         attention.tpc_tap = taps[layer] = make_tap()
     return taps
-
-
-def insert_received_attention_taps(
-    attention_modules: Mapping[int, nn.Module], block_elements: int = DEFAULT_BLOCK_ELEMENTS
-) -> dict[int, Tap]:
-    return insert_taps(attention_modules, lambda: ReceivedAttention(block_elements))

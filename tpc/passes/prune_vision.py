@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from tpc.methods import VisionMethod, VisionSignals
 from tpc.models_zoo import VisionEncoderAdapter, VisionGeometry
 from tpc.ops import gather_tokens, select_tokens
-from tpc.passes.attention_tap import insert_received_attention_taps
+from tpc.passes.attention_tap import ReceivedAttention, insert_taps
 
 INPUT_NAMES = ("pixel_values",)
 OUTPUT_NAMES = ("kept_features", "kept_indices")
@@ -66,7 +66,8 @@ class PrunedVisionEncoder(nn.Module):
         self.model = model
         self.cut = cut
         layers = cut.adapter.layers(model)
-        self.taps = insert_received_attention_taps({n: cut.adapter.attention(layers[n - 1]) for n in cut.tapped_layers})
+        attentions = {n: cut.adapter.attention(layers[n - 1]) for n in cut.tapped_layers}
+        self.taps = insert_taps(attentions, ReceivedAttention)
 
     def forward(self, pixel_values: Tensor, forced_indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`forced_indices` replaces the selection (teacher forcing, to separate a selection flip from drift)."""

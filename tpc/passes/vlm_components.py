@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from tpc.methods import PrefillMethod, PrefillSignals
 from tpc.models_zoo import LlavaAdapter
-from tpc.ops import gather_tokens, select_tokens
+from tpc.ops import gather_tokens, select_indices
 from tpc.passes.attention_tap import LastRowAttention, insert_taps
 from tpc.passes.prune_vision import PrunedVisionEncoder
 
@@ -105,9 +105,10 @@ class _Decoder(nn.Module):
         self.layout = layout
         self.num_layers = len(adapter.decoder_layers(model))
 
-    def run_layer(self, index: int, hidden: Tensor, positions: Tensor, mask: Tensor | None, cache: object) -> Tensor:
+    def run_layer(
+        self, index: int, hidden: Tensor, rotary: tuple[Tensor, Tensor], mask: Tensor | None, cache: object
+    ) -> Tensor:
         layer = self.adapter.decoder_layers(self.model)[index]
-        rotary = self.adapter.rotary(self.model, hidden, positions)
         output = layer(hidden, attention_mask=mask, position_embeddings=rotary, past_key_values=cache, use_cache=True)
         return output[0] if isinstance(output, tuple) else output
 
@@ -150,6 +151,7 @@ class PrefillComponent(_Decoder):
         text = self.adapter.embed_text(self.model, input_ids)
         hidden = torch.cat([text[:, :start], image_embeds.to(text.dtype), text[:, start + count :]], dim=1)
         positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[:2])
+        rotary = self.adapter.rotary(self.model, hidden, positions)
         cache, kept = _PrefillCache(), None
         for index in range(self.num_layers):
             if index == self.prune_layer:
@@ -157,8 +159,9 @@ class PrefillComponent(_Decoder):
                 text_before = torch.arange(start, device=hidden.device).expand(hidden.shape[0], start)
                 text_after = torch.arange(start + count, hidden.shape[1], device=hidden.device)
                 sequence = torch.cat([text_before, kept + start, text_after.expand(hidden.shape[0], -1)], dim=1)
-                hidden, positions = gather_tokens(hidden, sequence), sequence
-            hidden = self.run_layer(index, hidden, positions, None, cache)
+                hidden = gather_tokens(hidden, sequence)
+                rotary = self.adapter.rotary(self.model, hidden, sequence)  # original positions of the kept
+            hidden = self.run_layer(index, hidden, rotary, None, cache)
         present = []
         for index, capacity in enumerate(self.layout.capacities):
             for tensor in cache.entries[index]:
@@ -174,8 +177,7 @@ class PrefillComponent(_Decoder):
         last_row = self.taps[self.prune_layer - 1].value[:, start : start + count]
         image = hidden[:, start : start + count]
         priority = self.method.priority(PrefillSignals(last_row, image), self.keep, self.params)
-        kept, _ = select_tokens(priority, image, self.keep)
-        return kept
+        return select_indices(priority, self.keep)
 
 
 class DecodeComponent(_Decoder):
@@ -189,6 +191,7 @@ class DecodeComponent(_Decoder):
     def forward(self, input_ids: Tensor, step: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
         hidden = self.adapter.embed_text(self.model, input_ids)
         positions = (step + self.layout.next_position).view(1, 1).expand(hidden.shape[0], 1)
+        rotary = self.adapter.rotary(self.model, hidden, positions)
         slots = [step + length for length in self.layout.kept_lengths]
         cache = _DecodeCache(past, slots)
         masks: dict[int, Tensor] = {}
@@ -196,6 +199,6 @@ class DecodeComponent(_Decoder):
             if capacity not in masks:  # attend to the filled slots, the new one included
                 visible = torch.arange(capacity, device=hidden.device) <= slots[index]
                 masks[capacity] = visible.view(1, 1, 1, capacity)
-            hidden = self.run_layer(index, hidden, positions, masks[capacity], cache)
+            hidden = self.run_layer(index, hidden, rotary, masks[capacity], cache)
         present = [tensor for index in range(self.num_layers) for tensor in cache.present[index]]
         return (self.logits(hidden), *present)
