@@ -72,8 +72,36 @@ def _render_verify(report: Any) -> None:
         g = report.generation
         label = f"greedy generation, {g.new_tokens} tokens x {g.samples} prompts"
         table.add_row(label, "", "", f"{g.rows_equal}/{g.rows} rows equal {_mark(g.passed)}")
+    if report.episode is not None:
+        e = report.episode
+        table.add_row(
+            f"episodes, {e.episodes} x {e.steps} steps: kept tokens + actions", "", "", f"{e.steps_agreeing}/"
+            f"{e.total_steps} steps equal {_mark(e.steps_agreeing == e.total_steps)}",
+        )  # fmt: skip
+        if e.history is not None:
+            h = e.history
+            table.add_row("episodes: carried history", f"{h.max_abs:.3g}", f"{h.max_rel:.3g}", _mark(h.passed))
     out.print(table)
     out.print(("[green]PASS[/green] " if report.passed else "[red]FAIL[/red] ") + report.diagnosis)
+
+
+def _render_policy_plan(plan: dict[str, Any]) -> None:
+    tokens, prompt = plan["tokens"], plan["prompt"]
+    out.print(f"[bold]{plan['model']}[/bold] ({plan['family']} policy): method {plan['method']}, {plan['params']}")
+    out.print(f"prune point: {plan['prune_point']}")
+    for tap in plan["taps"]:
+        out.print(f"  tap decoder layer {tap['layer']}: {tap['reduction']}")
+    out.print(
+        f"prompt: BOS + {prompt['image_tokens']} image tokens + {prompt['text_tokens'] - 1} text tokens; "
+        f"image tokens {tokens['before']} -> {tokens['after']}; decoder lengths {plan['decoder_lengths']['pruned']}"
+    )
+    out.print(f"graphs: {plan['graphs']}")
+    if plan["state"]:
+        out.print(f"state carried between steps: {plan['state']}")
+    full, pruned = plan["flops"]["unpruned"], plan["flops"]["pruned"]
+    for stage in ("towers", "projector", "prefill", "decode", "step"):
+        out.print(f"  {stage} GFLOPs: {full[stage] / 1e9:.3f} unpruned -> {pruned[stage] / 1e9:.3f}")
+    out.print(f"FLOPs-ideal speedup per step: {plan['ideal_speedup']['step']:.2f}x")
 
 
 def _group_cache(diffs: dict[str, Any]) -> dict[str, Any]:
@@ -194,6 +222,10 @@ def inspect(
 
     request = PruneRequest(model, method, keep, _parse_params(param or []), "fp32", batch, prompt_len)
     plan = describe(request)
+    _write_json(json_path, plan)
+    if plan.get("kind") == "policy":
+        _render_policy_plan(plan)
+        return
     g = plan["geometry"]
     out.print(
         f"[bold]{plan['model']}[/bold] ({plan['family']}): {g['layers']} layers, d={g['hidden_size']}, "
@@ -231,21 +263,19 @@ def inspect(
             out.print(f"  {stage} GFLOPs: {full[stage] / 1e9:.3f} unpruned -> {pruned[stage] / 1e9:.3f}")
         ideal = plan["ideal_speedup"]
         out.print(f"FLOPs-ideal speedup: first token {ideal['first_token']:.2f}x, decode {ideal['decode_token']:.2f}x")
-    _write_json(json_path, plan)
 
 
 @app.command()
 def methods() -> None:
     """The methods and the model families each applies to."""
-    from tpc.methods import REGISTRY, VisionMethod
+    from tpc.methods import REGISTRY
     from tpc.models_zoo import FAMILIES
 
     table = Table(title="methods")
     for column in ("method", "stage", "families", "parameters", "what it keeps", "reference"):
         table.add_column(column)
-    vlms = [name for name, adapter in FAMILIES.items() if adapter.kind == "vlm"]
     for method in REGISTRY.values():
-        families = ", ".join(FAMILIES) if isinstance(method, VisionMethod) else ", ".join(vlms)
+        families = ", ".join(name for name, adapter in FAMILIES.items() if adapter.accepts(method))
         params = ", ".join(f"{p.name}={p.default}" for p in method.params) or "-"
         table.add_row(method.name, method.stage, families, params, method.summary, method.reference)
     out.print(table)

@@ -22,7 +22,13 @@ from tpc.exporter import get_target, runtime_for
 from tpc.exporter.manifest import ComponentSpec, Manifest, TensorSpec, write_samples
 from tpc.pipeline import Pruned, PruneRequest, as_arrays, build
 from tpc.progress import Step, silent
-from tpc.verification import VerifyReport, eager_outputs, verify, write_generation_sample
+from tpc.verification import (
+    VerifyReport,
+    eager_outputs,
+    verify,
+    write_episode_sample,
+    write_generation_sample,
+)
 
 
 class VerificationFailed(Exception):
@@ -63,7 +69,9 @@ def _manifest(pruned: Pruned, target_name: str, components: list[ComponentSpec],
     geometry = pruned.source.geometry
     runtime = runtime_for(target_name)
     generation = plan.generation() if hasattr(plan, "generation") else None
-    before = generation["prompt"]["image_tokens"] if generation else geometry.num_patches
+    policy = plan.policy() if hasattr(plan, "policy") else None
+    prompt = (generation or policy or {}).get("prompt")
+    before = prompt["image_tokens"] if prompt else geometry.num_patches
     return Manifest(
         model={
             "ref": pruned.source.ref,
@@ -86,6 +94,7 @@ def _manifest(pruned: Pruned, target_name: str, components: list[ComponentSpec],
             "stage": pruned.method.stage,
         },
         generation=generation,
+        policy=policy,
         versions={
             "tpc": tpc.__version__,
             "python": platform.python_version(),
@@ -140,6 +149,8 @@ def export(
         manifest = _manifest(pruned, target, specs, versions)
         if manifest.generation is not None:
             write_generation_sample(staging, pruned)
+        if manifest.policy is not None:
+            write_episode_sample(staging, pruned)
         manifest.write(staging)
         report = None
         if run_verify:

@@ -20,6 +20,8 @@ def describe(request: PruneRequest) -> dict[str, Any]:
     """The plan as plain data (the CLI renders it; `--json` writes it). Without a keep, plans a quarter of the
     visual tokens, so a user can see the plan before choosing a budget."""
     source = resolve(request.model)
+    if source.adapter.kind == "vla":
+        return _describe_policy(request, source)
     if request.keep is None:
         tokens = source.adapter.image_tokens(source.config) if source.adapter.kind == "vlm" else None
         request = replace(request, keep=max(1, (tokens or source.geometry.num_patches) // 4))
@@ -96,4 +98,40 @@ def _describe_vlm(the_plan: Any) -> dict[str, Any]:
             "decode_token": full["decode_token"] / flops["decode_token"],
         },
         "downstream_token_ratio": the_plan.keep / prompt.image_tokens,
+    }
+
+
+def _describe_policy(request: PruneRequest, source: Any) -> dict[str, Any]:
+    """A policy's control step: where it prunes, what it taps, its state, FLOPs per step against the unpruned one."""
+    if request.keep is None:
+        request = replace(request, keep=source.adapter.policy(source.config).image_tokens // 4)
+    the_plan = plan(request, source)
+    full = plan(replace(request, method="none", keep=None, params={}), source).flops()
+    flops, params = the_plan.flops(), the_plan.method_params
+    taps = []
+    if the_plan.method.prunes:
+        layer = the_plan.method.prune_layer(params)
+        rows = the_plan.method.score_rows(params)
+        taps.append({"layer": layer - 1, "reduction": f"semantic score: head mean, {rows} of the prompt"})
+        point = f"inside the prefill, before decoder layer {layer} (layers 0..{layer - 1} see every token)"
+    else:
+        point = "none: every image token reaches every decoder layer"
+    if the_plan.stateful:
+        taps.append({"layer": params["history_layer"], "reduction": "action attention: the 7 action queries' rows"})
+    policy = the_plan.policy()
+    return {
+        "model": source.ref,
+        "family": source.adapter.family,
+        "kind": "policy",
+        "method": the_plan.method.name,
+        "params": the_plan.params,
+        "prune_point": point,
+        "taps": taps,
+        "tokens": {"before": the_plan.prompt.image_tokens, "after": the_plan.keep},
+        "prompt": policy["prompt"],
+        "graphs": policy["graphs"],
+        "state": policy["state"],
+        "decoder_lengths": policy["decoder_lengths"],
+        "flops": {"pruned": flops, "unpruned": full},
+        "ideal_speedup": {"step": full["step"] / flops["step"]},
     }

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from tpc.errors import UsageError
 from tpc.methods import REGISTRY, Method, VisionMethod, get_method
-from tpc.models_zoo import ModelSource, resolve
+from tpc.models_zoo import Adapter, ModelSource, resolve
 from tpc.passes.prune_vision import INPUT_NAMES, OUTPUT_NAMES, PrunedVisionEncoder, VisionCut
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -113,8 +113,9 @@ def check_common(request: PruneRequest) -> None:
         raise UsageError(f"--batch must be at least 1, got {request.batch}")
 
 
-def methods_for(stages: tuple[str, ...]) -> list[str]:
-    return sorted(name for name, m in REGISTRY.items() if m.stage in stages)
+def methods_for(adapter: Adapter) -> list[str]:
+    """The methods a model family accepts (each adapter says which)."""
+    return sorted(name for name, method in REGISTRY.items() if adapter.accepts(method))
 
 
 def split_params(given: Mapping[str, str]) -> tuple[dict[str, str], int | None]:
@@ -191,6 +192,10 @@ def plan(request: PruneRequest, source: ModelSource | None = None) -> Any:
         from tpc.vlm import plan_vlm
 
         return plan_vlm(request, source)
+    if source.adapter.kind == "vla":
+        from tpc.vla import plan_vla
+
+        return plan_vla(request, source)
     return _plan_encoder(request, source)
 
 
@@ -198,10 +203,10 @@ def _plan_encoder(request: PruneRequest, source: ModelSource) -> Plan:
     if request.prompt_len is not None or request.max_new_tokens is not None:
         raise UsageError("--prompt-len and --max-new-tokens apply to VLM models; vision encoders take no prompt")
     method = get_method(request.method)
-    if not isinstance(method, VisionMethod):
+    if not source.adapter.accepts(method):
         raise UsageError(
             f"method '{method.name}' prunes at the {method.stage} stage, which {source.adapter.family} vision "
-            f"encoders do not have; methods for {source.adapter.family}: {', '.join(methods_for(('vision',)))}"
+            f"encoders do not have; methods for {source.adapter.family}: {', '.join(methods_for(source.adapter))}"
         )
     geometry = source.geometry
     method_params, feature_layer = split_params(request.params)
@@ -219,9 +224,10 @@ def build(request: PruneRequest) -> Pruned:
     """Plan, load the model through `from_pretrained`, insert taps and prune points."""
     the_plan = plan(request)
     if not isinstance(the_plan, Plan):
+        from tpc.vla import VlaPlan, build_vla
         from tpc.vlm import build_vlm
 
-        return build_vlm(the_plan)
+        return build_vla(the_plan) if isinstance(the_plan, VlaPlan) else build_vlm(the_plan)
     source = the_plan.source
     model = source.adapter.load(source.path).to(DTYPES[request.dtype])
     module = PrunedVisionEncoder(model, the_plan.cut).eval()

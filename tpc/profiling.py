@@ -55,13 +55,14 @@ class ProfileReport:
 
 
 FIRST_TOKEN = ("vision", "prefill")
+POLICY_STEP = ("pruned",)  # a stateful policy's steady-state step (warm-up steps are `window` per episode)
 
 
 class TimedExport:
     """An export ready to time: each component with its first sample's inputs, and the times recorded so far.
 
-    The headline of a round is what one call of the whole export costs: an encoder's graph, or a VLM's
-    vision + prefill (the time to first token), summed within the round.
+    The headline of a round is what one call of the whole export costs: an encoder's graph, a VLM's
+    vision + prefill (the time to first token) summed within the round, or a policy's (pruned) control step.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -72,7 +73,8 @@ class TimedExport:
         for spec in manifest.components:
             session = runtime.load(directory / spec.artifact)
             self.runs[spec.name] = functools.partial(session.run, read_samples(directory, spec.name, INPUTS_FILE))
-        self.headline_parts = [n for n in FIRST_TOKEN if n in self.runs] or list(self.runs)
+        parts = [n for n in FIRST_TOKEN if n in self.runs] or [n for n in POLICY_STEP if n in self.runs]
+        self.headline_parts = parts or list(self.runs)
         self.times: dict[str, list[float]] = {name: [] for name in self.runs}
         self.headline: list[float] = []
 

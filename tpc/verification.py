@@ -25,7 +25,15 @@ import torch
 
 from tpc.errors import UsageError
 from tpc.exporter import runtime_for
-from tpc.exporter.manifest import GENERATION_FILE, INPUTS_FILE, SAMPLES_DIR, Manifest, TensorSpec, read_samples
+from tpc.exporter.manifest import (
+    EPISODE_FILE,
+    GENERATION_FILE,
+    INPUTS_FILE,
+    SAMPLES_DIR,
+    Manifest,
+    TensorSpec,
+    read_samples,
+)
 from tpc.pipeline import SINGLE, Component, Pruned, PruneRequest, as_arrays, build, seeded_pixels
 from tpc.progress import Step, silent
 from tpc.runtimes import Runtime
@@ -82,6 +90,22 @@ class GenerationCheck:
 
 
 @dataclass
+class EpisodeCheck:
+    """A seeded control episode, exported policy vs eager policy, each carrying its own state step to step."""
+
+    episodes: int
+    steps: int  # per episode
+    steps_agreeing: int  # same kept indices and the same action tokens
+    total_steps: int
+    history: Diff | None = None  # the carried history after each step
+    first_difference: list[int] | None = None  # [episode, step] of the first disagreeing step
+
+    @property
+    def passed(self) -> bool:
+        return self.steps_agreeing == self.total_steps and (self.history is None or self.history.passed)
+
+
+@dataclass
 class VerifyReport:
     passed: bool
     runtime: str
@@ -94,12 +118,14 @@ class VerifyReport:
     outputs: dict[str, Diff] = field(default_factory=dict)  # over samples whose selection agreed
     teacher_forced: dict[str, Diff] = field(default_factory=dict)
     generation: GenerationCheck | None = None
+    episode: EpisodeCheck | None = None
     diagnosis: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if self.generation is not None:
-            data["generation"]["passed"] = self.generation.passed
+        for name in ("generation", "episode"):
+            if getattr(self, name) is not None:
+                data[name]["passed"] = getattr(self, name).passed
         return data
 
 
@@ -107,7 +133,8 @@ def request_from_manifest(manifest: Manifest) -> PruneRequest:
     model = manifest.model["ref"] if manifest.model["ref"].startswith("zoo:") else manifest.model["path"]
     params = {k: str(v) for k, v in manifest.params.items()}
     generation = manifest.generation
-    prompt_len = generation["prompt"]["text_tokens"] if generation else None
+    prompt = (generation or manifest.policy or {}).get("prompt")
+    prompt_len = prompt["text_tokens"] if prompt else None
     max_new = generation["max_new_tokens"] if generation else None
     return PruneRequest(
         model, manifest.method, manifest.keep, params, manifest.dtype, manifest.batch, prompt_len, max_new
@@ -140,6 +167,44 @@ def write_generation_sample(directory: Path, pruned: Pruned) -> None:
     np.savez(directory / SAMPLES_DIR / GENERATION_FILE, pixel_values=pixels, input_ids=ids, tokens=tokens)
 
 
+EPISODE_STEPS = 8
+
+
+def episode_steps(pruned: Pruned) -> int:
+    """Steps a verified episode runs: at least 8, and at least 5 pruned steps after the warm-up."""
+    return max(EPISODE_STEPS, pruned.plan.method_params.get("window", 0) + 5)
+
+
+def policy_episode(pruned: Pruned, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    from tpc.vla import seeded_frames, seeded_prompt
+
+    return seeded_frames(pruned.plan, seed, episode_steps(pruned)), seeded_prompt(pruned.plan, seed)
+
+
+def write_episode_sample(directory: Path, pruned: Pruned) -> None:
+    """The eager policy's seeded episode, step by step: what a device without PyTorch replays and compares."""
+    from tpc.vla import eager_policy
+
+    frames, ids = policy_episode(pruned, seed=0)
+    runner = eager_policy(pruned.plan, pruned.components)
+    results = [runner.step_result(frame, ids) for frame in frames]
+    num_image = pruned.plan.prompt.image_tokens
+    kept_mask = np.zeros((len(results), num_image), dtype=bool)
+    for step, result in enumerate(results):
+        kept_mask[step, result.kept_indices] = True
+    arrays = {
+        "images": np.stack(frames),
+        "input_ids": ids,
+        "action_tokens": np.stack([r.tokens for r in results]),
+        "actions": np.stack([r.action for r in results]),
+        "kept_mask": kept_mask,
+        "graph": np.array([r.graph for r in results]),
+    }
+    if runner.stateful:
+        arrays["history"] = np.stack([r.history for r in results])
+    np.savez(directory / SAMPLES_DIR / EPISODE_FILE, **arrays)
+
+
 def _load_user_inputs(path: Path, expected: dict[str, TensorSpec]) -> dict[str, np.ndarray]:
     if not path.exists():
         raise UsageError(f"inputs file '{path}' does not exist")
@@ -161,6 +226,8 @@ def _load_user_inputs(path: Path, expected: dict[str, TensorSpec]) -> dict[str, 
 
 def _entry_specs(manifest: Manifest) -> dict[str, TensorSpec]:
     """What a user's --inputs file holds: the encoder's inputs, or a VLM's pixel_values and prompt input_ids."""
+    if manifest.policy is not None:
+        raise UsageError("--inputs applies to encoder and VLM exports; a policy is verified on seeded episodes")
     if manifest.generation is None:
         return {spec.name: spec for spec in manifest.components[0].inputs}
     pixels = next(s for s in manifest.component("vision").inputs if s.name == "pixel_values")
@@ -190,6 +257,14 @@ def _diagnose(report: VerifyReport) -> str:
         return "the exported computation differs from eager (kept indices and teacher-forced outputs both disagree)"
     if not outputs_ok:
         return "numerical drift beyond tolerance with identical kept indices"
+    if report.episode is not None and not report.episode.passed:
+        where = report.episode.first_difference
+        if where is None:
+            return "the carried history drifts beyond tolerance over the episode (kept tokens and actions agree)"
+        return (
+            f"the exported policy's episode differs from eager at episode {where[0]}, step {where[1]} although every "
+            "graph matches on its samples: a selection or argmax near-tie, carried on by the state"
+        )
     if report.generation is not None and not report.generation.passed:
         sample, row, position = report.generation.first_difference or [0, 0, 0]
         return (
@@ -245,6 +320,29 @@ def _check_generation(pruned: Pruned, exported: GenerationLoop, seeds: list[int]
     return check
 
 
+def _check_episode(pruned: Pruned, sessions: dict[str, Any], seeds: list[int], tolerance: Tolerance) -> EpisodeCheck:
+    from tpc.runtimes.policy import Policy
+    from tpc.vla import eager_policy
+
+    eager = eager_policy(pruned.plan, pruned.components)
+    exported = Policy({name: pair[0].run for name, pair in sessions.items()}, eager.policy)
+    check = EpisodeCheck(len(seeds), episode_steps(pruned), 0, 0)
+    for episode, seed in enumerate(seeds):
+        frames, ids = policy_episode(pruned, seed)
+        eager.reset()
+        exported.reset()
+        for step, frame in enumerate(frames):
+            want, got = eager.step_result(frame, ids), exported.step_result(frame, ids)
+            same = np.array_equal(got.kept_indices, want.kept_indices) and np.array_equal(got.tokens, want.tokens)
+            check.total_steps += 1
+            check.steps_agreeing += int(same)
+            if not same and check.first_difference is None:
+                check.first_difference = [episode, step]
+            if want.history is not None:
+                check.history = Diff.of(got.history, want.history, tolerance).worst(check.history)
+    return check
+
+
 def verify(
     directory: Path,
     samples: int = 4,
@@ -287,11 +385,16 @@ def verify(
         with step(f"greedy generation, {pruned.plan.max_new_tokens} tokens x {len(seeds)} prompts"):
             loop = GenerationLoop({name: pair[0].run for name, pair in sessions.items()}, manifest.generation)
             report.generation = _check_generation(pruned, loop, seeds)
+    if manifest.policy is not None:
+        episodes = seeds[: max(1, min(2, len(seeds)))]
+        with step(f"replay {len(episodes)} seeded episodes of {episode_steps(pruned)} steps, exported vs eager"):
+            report.episode = _check_episode(pruned, sessions, episodes, tolerance)
     report.passed = (
         report.kept_rows_agreeing == report.kept_rows
         and all(d.passed for d in report.outputs.values())
         and all(d.passed for d in report.teacher_forced.values())
         and (report.generation is None or report.generation.passed)
+        and (report.episode is None or report.episode.passed)
     )
     report.diagnosis = _diagnose(report)
     return report

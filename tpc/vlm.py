@@ -151,10 +151,12 @@ def plan_vlm(request: PruneRequest, source: ModelSource) -> VlmPlan:
     adapter: LlavaAdapter = source.adapter
     config = source.config
     method = get_method(request.method)
-    if not isinstance(method, VisionMethod | PrefillMethod):
+    if not adapter.accepts(method):
+        stateful = getattr(method, "stateful", False)
         raise UsageError(
-            f"method '{method.name}' does not apply to {adapter.family} models; "
-            f"methods for {adapter.family}: {', '.join(methods_for(('vision', 'llm-prefill')))}"
+            f"method '{method.name}' does not apply to {adapter.family} models"
+            + (" (it carries action attention between control steps: policies only)" if stateful else "")
+            + f"; methods for {adapter.family}: {', '.join(methods_for(adapter))}"
         )
     method_params, feature_layer = split_params(request.params)
     if feature_layer is not None:

@@ -4,7 +4,8 @@ Written once per export; `verify` adds its result. Each component (one graph: `m
 `vision`, `prefill`, `decode` for a VLM) lists its artifact and its inputs/outputs with static shapes and
 dtypes. Its samples are keyed by the same names: `samples/inputs.npz` + `samples/expected.npz` for a
 one-graph export, `samples/<component>/inputs.npz` + `expected.npz` for each component of a VLM, plus
-`samples/generation.npz` (pixel_values, input_ids and the greedy tokens eager PyTorch generates).
+`samples/generation.npz` (pixel_values, input_ids and the greedy tokens eager PyTorch generates); a policy's
+`samples/episode.npz` holds a seeded episode (frames, prompt) and what eager PyTorch does at every step.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ SAMPLES_DIR = "samples"
 INPUTS_FILE = "inputs.npz"
 EXPECTED_FILE = "expected.npz"
 GENERATION_FILE = "generation.npz"
+EPISODE_FILE = "episode.npz"
 SINGLE_COMPONENT = "model"
 FORMAT_VERSION = 2
 
@@ -67,6 +69,7 @@ class Manifest:
     tokens: dict[str, Any]  # before / after / grid / prefix_tokens
     versions: dict[str, str]
     generation: dict[str, Any] | None = None  # VLMs: prompt layout, cache layout, the step protocol
+    policy: dict[str, Any] | None = None  # policies: state tensors, graph schedule, prompt, action decoding
     sample_seed: int = 0
     verification: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION

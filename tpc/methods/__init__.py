@@ -10,7 +10,9 @@ from tpc.errors import unknown_name
 from tpc.methods import divprune, fastv, hiprune, none, random, uniform, vla_pruner
 from tpc.methods.base import Method, Param, PrefillMethod, PrefillSignals, VisionMethod, VisionSignals
 
-REGISTRY: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (hiprune, divprune, random, uniform, fastv, none)}
+REGISTRY: dict[str, Method] = {
+    m.METHOD.name: m.METHOD for m in (hiprune, divprune, random, uniform, fastv, vla_pruner, none)
+}
 
 
 def get_method(name: str) -> Method:

@@ -56,8 +56,11 @@ class Param:
     default: Any
     help: str
     layer_of: str | None = None  # "encoder" / "decoder": a layer number, validated against that stack's depth
+    choices: tuple[str, ...] | None = None
 
     def parse(self, text: str) -> Any:
+        if self.choices is not None and text not in self.choices:
+            raise UsageError(f"--param {self.name}={text}: expected one of {', '.join(self.choices)} ({self.help})")
         try:
             if self.type is bool:
                 if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
@@ -115,8 +118,12 @@ class VisionMethod(_ResolvesParams):
 class PrefillSignals:
     """What an LLM-prefill method may read at its prune layer K (0-based decoder layer index)."""
 
-    last_row: Tensor  # (B, N_img) attention of the last prompt token to each image token at layer K-1, head mean
-    image_embeds: Tensor  # (B, N_img, D) hidden states of the image tokens entering layer K
+    scores: Tensor  # (B, N_img) attention to each image token at layer K-1, head mean, as the method's tap reduces it
+    image_embeds: Tensor  # (B, N_img, D) the LLM input embeddings of the image tokens (layer 0's input)
+    guide: Tensor | None = None  # (B, N_img) a stateful method's guide from earlier control steps
+
+
+LAST_ROW, ALL_ROWS = "last-row", "all-rows"  # the attention reductions a prefill method's score tap computes
 
 
 @dataclass(frozen=True)
@@ -132,10 +139,16 @@ class PrefillMethod(_ResolvesParams):
     priority: Callable[[PrefillSignals, int, dict], Tensor]
     prune_layer: Callable[[dict], int]  # K
     params: tuple[Param, ...] = ()
+    # defaults that depend on the model: decoder depth -> {param: value}
+    model_defaults: Callable[[int], dict[str, Any]] = field(default=lambda depth: {})
+    # which reduction of layer K-1's attention the scores are: the last query row, or the mean over all rows
+    score_rows: Callable[[dict], str] = field(default=lambda params: LAST_ROW)
     # raises ValueError when a budget and parameters cannot work together
     check_budget: Callable[[int, dict], None] = field(default=lambda keep, params: None)
     stage: str = "llm-prefill"
     prunes: bool = True
+    # carries state between control steps (a guide from earlier steps' attention): policies only
+    stateful: bool = False
 
 
 Method = VisionMethod | PrefillMethod

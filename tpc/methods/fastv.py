@@ -32,7 +32,7 @@ METHOD = PrefillMethod(
     name="fastv",
     summary="last-token attention row at LLM layer K-1; prunes from layer K on",
     reference="pkunlp-icler/FastV, ECCV 2024",
-    priority=lambda signals, keep, params: signals.last_row,
+    priority=lambda signals, keep, params: signals.scores,
     prune_layer=lambda params: params["layer"],
     params=(Param("layer", int, 2, "decoder layer K (0-based) from which image tokens are pruned", "decoder"),),
 )

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from tpc.methods import divprune
-from tpc.methods.base import accepts_unbatched
+from tpc.methods.base import ALL_ROWS, LAST_ROW, Param, PrefillMethod, PrefillSignals, accepts_unbatched
 from tpc.ops import select_indices
 
 CRITERIA = ("prefill", "last")
@@ -86,19 +86,30 @@ class History:
 
     def weights(self) -> Tensor:
         """Weights from the newest vector to the oldest (float32, as the reference's numpy list)."""
-        n = len(self.vectors)
-        powers = range(n - 1, -1, -1) if self.order == "oldest-heaviest" else range(n)
-        return torch.tensor([self.decay**i for i in powers], dtype=torch.float32)
+        return newest_first_weights(len(self.vectors), self.decay, self.order)
 
     def guide(self) -> Tensor | None:
         """(num_tokens,) guide in `guide_dtype`, or None while the history is not full (warm-up: no pruning)."""
         if not self.full:
             return None
-        newest_first = torch.stack(list(reversed(self.vectors)))
-        weights = self.weights()
-        guided = (weights[:, None] * newest_first).sum(dim=0)
-        guided = guided / (guided.sum() if self.order == "oldest-heaviest" else weights.sum())
-        return guided.to(self.guide_dtype)
+        return guide_from_history(torch.stack(list(self.vectors)), self.decay, self.order, self.guide_dtype)
+
+
+def newest_first_weights(count: int, decay: float, order: str) -> Tensor:
+    """The smoothing weights of `count` vectors, newest first (float32)."""
+    powers = range(count - 1, -1, -1) if order == "oldest-heaviest" else range(count)
+    return torch.tensor([decay**i for i in powers], dtype=torch.float32)
+
+
+def guide_from_history(history: Tensor, decay: float, order: str, dtype: torch.dtype) -> Tensor:
+    """(..., W, N) vectors, oldest first -> (..., N) guide (§2.4; §2.9 for "newest-heaviest"), cast to `dtype`.
+
+    The same function drives `History` and the exported step graph, which takes the history as an input."""
+    window = history.shape[-2]
+    weights = newest_first_weights(window, decay, order)
+    guided = sum(weights[i] * history[..., window - 1 - i, :] for i in range(window))
+    total = guided.sum(dim=-1, keepdim=True) if order == "oldest-heaviest" else weights.sum()
+    return (guided / total).to(dtype)
 
 
 def top_mask(scores: Tensor, keep: int) -> Tensor:
@@ -159,3 +170,41 @@ def action_importance(
     columns = [torch.as_tensor(row).float()[:, image_start : image_start + count] for row in action_rows]
     per_token = torch.stack(columns).mean(dim=1).mean(dim=0)  # heads, then the action tokens
     return torch.zeros(num_image, dtype=torch.float32).scatter(0, kept, per_token)
+
+
+GUIDE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+REFERENCE_HISTORY_LAYER = 15  # hard-coded in the reference's predict_action, for the 32-layer Llama-2-7B
+
+
+def _priority(signals: PrefillSignals, keep: int, params: dict) -> Tensor:
+    return priority(signals.scores, signals.guide, signals.image_embeds, keep)
+
+
+def _check_layers(keep: int, params: dict) -> None:
+    if params["history_layer"] < params["layer"]:
+        raise ValueError(
+            f"history_layer {params['history_layer']} must not precede the prune layer {params['layer']} "
+            "(the action attention is read over the kept tokens)"
+        )
+
+
+METHOD = PrefillMethod(
+    name="vla-pruner",
+    summary="semantic (layer K-1) + temporally smoothed action attention, union, max-min diversity; state per step",
+    reference="MINT-SJTU VLA-Pruner (OpenVLA path), arXiv 2511.16449",
+    priority=_priority,
+    prune_layer=lambda params: params["layer"],
+    params=(
+        Param("layer", int, 3, "decoder layer K (0-based) from which image tokens are pruned (fastv_k)", "decoder"),
+        Param("criterion", str, "prefill", "semantic score: all prompt rows' mean, or the last row", choices=CRITERIA),
+        Param("history_layer", int, REFERENCE_HISTORY_LAYER, "action-attention layer (shallower: last)", "decoder"),
+        Param("window", int, 3, "control steps the history holds (warm-up steps keep every token)"),
+        Param("decay", float, 0.8, "temporal decay of the history weights"),
+        Param("order", str, "oldest-heaviest", "history weight order: main branch, or OFT's", choices=ORDERS),
+        Param("guide_dtype", str, "bf16", "the guide's rounding before its top-K", choices=tuple(GUIDE_DTYPES)),
+    ),
+    model_defaults=lambda depth: {"history_layer": min(REFERENCE_HISTORY_LAYER, depth - 1)},
+    score_rows=lambda params: ALL_ROWS if params["criterion"] == "prefill" else LAST_ROW,
+    check_budget=_check_layers,
+    stateful=True,
+)

@@ -12,13 +12,14 @@ from tpc.errors import UsageError, unknown_name
 from tpc.models_zoo.base import VisionEncoderAdapter, VisionGeometry
 from tpc.models_zoo.clip import ClipAdapter
 from tpc.models_zoo.llava import DecoderGeometry, LlavaAdapter, PromptLayout
+from tpc.models_zoo.openvla import OpenVlaAdapter
 from tpc.models_zoo.siglip import SiglipAdapter
 from tpc.models_zoo.zoo import ZOO, ZooEntry, materialize
 
-Adapter = VisionEncoderAdapter | LlavaAdapter
+Adapter = VisionEncoderAdapter | LlavaAdapter | OpenVlaAdapter
 ENCODERS: dict[str, VisionEncoderAdapter] = {a.family: a for a in (ClipAdapter(), SiglipAdapter())}
 _TOWERS = {t: a for a in ENCODERS.values() for t in a.model_types if t.endswith("_vision_model")}
-FAMILIES: dict[str, Adapter] = {**ENCODERS, "llava": LlavaAdapter(_TOWERS)}
+FAMILIES: dict[str, Adapter] = {**ENCODERS, "llava": LlavaAdapter(_TOWERS), "openvla": OpenVlaAdapter()}
 _BY_MODEL_TYPE = {t: a for a in FAMILIES.values() for t in a.model_types}
 ZOO_PREFIX = "zoo:"
 _WEIGHT_FILES = (
@@ -103,6 +104,7 @@ __all__ = [
     "DecoderGeometry",
     "LlavaAdapter",
     "ModelSource",
+    "OpenVlaAdapter",
     "PromptLayout",
     "VisionEncoderAdapter",
     "VisionGeometry",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
@@ -57,6 +57,12 @@ class VisionEncoderAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]]  # config.json `model_type` values this family loads
     model_class: ClassVar[type[PreTrainedModel]]
     prefix_tokens: ClassVar[int]
+
+    def accepts(self, method: Any) -> bool:
+        """Vision-side methods: an encoder has no decoder to prune in."""
+        from tpc.methods import VisionMethod
+
+        return isinstance(method, VisionMethod)
 
     def load(self, path: Path) -> PreTrainedModel:
         """The real `from_pretrained` path, from a local directory, fused attention everywhere."""

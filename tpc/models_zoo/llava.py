@@ -46,6 +46,42 @@ class DecoderGeometry:
         return 2 * tokens * self.hidden_size * self.vocab_size
 
 
+def decoder_geometry(text: PretrainedConfig) -> DecoderGeometry:
+    """A Llama-family text config's shapes."""
+    heads = text.num_attention_heads
+    return DecoderGeometry(
+        num_layers=text.num_hidden_layers,
+        hidden_size=text.hidden_size,
+        num_heads=heads,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        intermediate_size=text.intermediate_size,
+        vocab_size=text.vocab_size,
+    )
+
+
+class DecoderParts:
+    """Where a Llama-family decoder's parts are, given where the family keeps the decoder (`language_model`)."""
+
+    def language_model(self, model: PreTrainedModel) -> nn.Module:
+        raise NotImplementedError
+
+    def lm_head(self, model: PreTrainedModel) -> nn.Module:
+        raise NotImplementedError
+
+    def decoder_layers(self, model: PreTrainedModel) -> nn.ModuleList:
+        return self.language_model(model).layers
+
+    def embed_text(self, model: PreTrainedModel, input_ids: Tensor) -> Tensor:
+        return self.language_model(model).embed_tokens(input_ids)
+
+    def rotary(self, model: PreTrainedModel, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        return self.language_model(model).rotary_emb(hidden, position_ids)
+
+    def final_norm(self, model: PreTrainedModel, hidden: Tensor) -> Tensor:
+        return self.language_model(model).norm(hidden)
+
+
 @dataclass(frozen=True)
 class PromptLayout:
     """A static prompt: `text_len` text tokens with one image's `image_tokens` tokens at `image_start`."""
@@ -61,7 +97,7 @@ class PromptLayout:
         return self.text_len + self.image_tokens
 
 
-class LlavaAdapter:
+class LlavaAdapter(DecoderParts):
     """One VLM family. Not a VisionEncoderAdapter: it owns one (the tower's) and adds the decoder side."""
 
     family: ClassVar[str] = "llava"
@@ -80,6 +116,12 @@ class LlavaAdapter:
             )
         return self.towers[model_type]
 
+    def accepts(self, method: Any) -> bool:
+        """Vision-side methods, and prefill methods that need no state from earlier control steps."""
+        from tpc.methods import PrefillMethod, VisionMethod
+
+        return isinstance(method, VisionMethod) or (isinstance(method, PrefillMethod) and not method.stateful)
+
     def load(self, path: Path) -> PreTrainedModel:
         model = self.model_class.from_pretrained(str(path), attn_implementation="sdpa")
         return model.eval()
@@ -88,17 +130,7 @@ class LlavaAdapter:
         return self.tower(config).geometry(config.vision_config)
 
     def decoder(self, config: PretrainedConfig) -> DecoderGeometry:
-        text = config.text_config
-        heads = text.num_attention_heads
-        return DecoderGeometry(
-            num_layers=text.num_hidden_layers,
-            hidden_size=text.hidden_size,
-            num_heads=heads,
-            num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
-            intermediate_size=text.intermediate_size,
-            vocab_size=text.vocab_size,
-        )
+        return decoder_geometry(config.text_config)
 
     def feature_layers(self, config: PretrainedConfig) -> tuple[int, ...]:
         """`vision_feature_layer` (indices into hidden_states, 0 = embeddings) as 1-based layer numbers."""
@@ -143,18 +175,6 @@ class LlavaAdapter:
 
     def lm_head(self, model: PreTrainedModel) -> nn.Module:
         return model.lm_head
-
-    def decoder_layers(self, model: PreTrainedModel) -> nn.ModuleList:
-        return self.language_model(model).layers
-
-    def embed_text(self, model: PreTrainedModel, input_ids: Tensor) -> Tensor:
-        return self.language_model(model).embed_tokens(input_ids)
-
-    def rotary(self, model: PreTrainedModel, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        return self.language_model(model).rotary_emb(hidden, position_ids)
-
-    def final_norm(self, model: PreTrainedModel, hidden: Tensor) -> Tensor:
-        return self.language_model(model).norm(hidden)
 
     def default_layout(self, config: PretrainedConfig, path: Path | None, prompt_len: int | None) -> PromptLayout:
         """The prompt: LLaVA-1.5's layout, or the model's chat template with one image when it has a tokenizer."""

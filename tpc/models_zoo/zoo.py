@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, PretrainedConfig, SiglipVisionConfig
 
+from tpc.models_zoo.openvla import OpenVlaConfig
+
 
 @dataclass(frozen=True)
 class ZooEntry:
@@ -92,6 +94,84 @@ def _llava_bench() -> LlavaConfig:
     return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=32000)
 
 
+def _action_stats(dims: int = 7) -> dict:
+    """Per-dataset action statistics in the release's `norm_stats` form (the gripper dimension is not normalised)."""
+    low = [-0.03, -0.04, -0.03, -0.1, -0.1, -0.2, 0.0][:dims]
+    high = [0.03, 0.04, 0.04, 0.1, 0.1, 0.2, 1.0][:dims]
+    mid = [(a + b) / 2 for a, b in zip(low, high, strict=True)]
+    return {
+        "bridge_orig": {
+            "action": {
+                "mean": mid,
+                "std": [(b - a) / 4 for a, b in zip(low, high, strict=True)],
+                "min": [2 * a for a in low],
+                "max": [2 * b for b in high],
+                "q01": low,
+                "q99": high,
+                "mask": [True] * (dims - 1) + [False],
+            },
+            "num_transitions": 1000,
+            "num_trajectories": 10,
+        }
+    }
+
+
+def _openvla(towers: list[dict], text: LlamaConfig, pad_id: int) -> OpenVlaConfig:
+    return OpenVlaConfig(
+        text_config=text.to_dict(), norm_stats=_action_stats(), pad_token_id=pad_id, tower_specs=towers
+    )
+
+
+def _tiny_openvla() -> OpenVlaConfig:
+    """The release's structure at toy width: two 3-block towers (224 px, 16x16 patches), a 4-layer Llama (prune
+    layer 3 as the reference, history layer 3: the last), vocabulary 512 + 64 padding (actions: the last 256 of 512).
+    A control step is one graph with its 7 decoder passes unrolled, so depth is what export time scales with."""
+    towers = [
+        {"family": "dinov2", "hidden_size": 32, "num_layers": 3, "num_heads": 2, "intermediate_size": 64,
+         "patch_size": 14, "registers": 4},
+        {"family": "siglip", "hidden_size": 32, "num_layers": 3, "num_heads": 2, "intermediate_size": 64,
+         "patch_size": 14},
+    ]  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=576,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        initializer_range=0.1,
+        pad_token_id=512,
+    )
+    return _openvla(towers, text, pad_id=512)
+
+
+def _openvla_bench() -> OpenVlaConfig:
+    """OpenVLA-7B's token geometry (256 image tokens, a ~280-token prompt, a 32064-id vocabulary) at reduced size:
+    towers of the release's depths (24 and 27 blocks) at d=256 and an 8-layer Llama at d=1024 (prune layer 3 as
+    the reference; history layer 7, the last), so that one control step takes about a second on 2 CPU cores with
+    the decoder dominating, as the 7B decoder does. Depth is kept low because a step is one graph with its 7
+    decoder passes unrolled, and export time grows with it."""
+    towers = [
+        {"family": "dinov2", "hidden_size": 256, "num_layers": 24, "num_heads": 4, "intermediate_size": 1024,
+         "patch_size": 14, "registers": 4},
+        {"family": "siglip", "hidden_size": 256, "num_layers": 27, "num_heads": 4, "intermediate_size": 1024,
+         "patch_size": 14},
+    ]  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=32064,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        initializer_range=0.05,
+        pad_token_id=32000,
+    )
+    return _openvla(towers, text, pad_id=32000)
+
+
 ZOO: dict[str, ZooEntry] = {
     entry.name: entry
     for entry in (
@@ -119,6 +199,18 @@ ZOO: dict[str, ZooEntry] = {
             "LLaVA-1.5 token geometry (576 image tokens), narrow CLIP tower, 12-layer Llama d=768 (benchmarks)",
             _llava_bench,
         ),
+        ZooEntry(
+            "tiny-openvla",
+            "openvla",
+            "OpenVLA policy: DINOv2 + SigLIP towers (3 blocks, d=32), fused projector, 4-layer Llama d=64",
+            _tiny_openvla,
+        ),
+        ZooEntry(
+            "openvla-bench",
+            "openvla",
+            "OpenVLA-7B token geometry (256 image tokens, ~280-token prompt), narrow towers, 8-layer Llama d=1024",
+            _openvla_bench,
+        ),
     )
 }
 
@@ -144,9 +236,11 @@ def materialize(entry: ZooEntry) -> Path:
     adapter = adapter_for_family(entry.family)
     torch.manual_seed(entry.seed)
     model = adapter.model_class(entry.make_config())
+    # a family whose checkpoints have their own layout (OpenVLA's release) saves in it; others as transformers does
+    save = getattr(adapter, "save", None) or (lambda model, path: model.save_pretrained(path))
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=target.parent))
     try:
-        model.save_pretrained(staging)
+        save(model, staging)
         staging.rename(target)
     except OSError:
         if not (target / "config.json").exists():  # another process may have won the race

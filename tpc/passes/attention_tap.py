@@ -25,12 +25,15 @@ DEFAULT_BLOCK_ELEMENTS = 16 * 1024 * 1024
 class ReceivedAttention:
     """Tap: mean over heads and over all query rows of softmax(QK^T * scale), per key -> (B, N_keys).
 
-    Equal to `attn.mean(1).mean(1)` of the eager attention map (HiPrune's "attention received").
-    `value` holds the last forward's result; the pruned model reads it right after the layer ran.
+    Equal to `attn.mean(1).mean(1)` of the eager attention map (HiPrune's "attention received"; with `causal`, a
+    decoder prompt's, where key j receives from rows >= j and the mean still counts every row, as VLA-Pruner's
+    prefill criterion does). `value` holds the last prompt forward's result; the pruned model reads it right
+    after the layer ran. A one-query call (a decode step) runs on SDPA and leaves `value` alone.
     """
 
-    def __init__(self, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> None:
+    def __init__(self, block_elements: int = DEFAULT_BLOCK_ELEMENTS, causal: bool = False) -> None:
         self.block_elements = block_elements
+        self.causal = causal
         self.value: Tensor | None = None
 
     def rows_per_block(self, batch: int, heads: int, queries: int, keys: int) -> int:
@@ -46,15 +49,23 @@ class ReceivedAttention:
         scaling: float,
     ) -> tuple[Tensor, None]:
         batch, heads, queries, _ = query.shape
+        if queries == 1:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
+        groups = heads // key.shape[1]
+        key, value = (repeat_kv(key, groups), repeat_kv(value, groups)) if groups > 1 else (key, value)
         keys = key.shape[-2]
         block = self.rows_per_block(batch, heads, queries, keys)
         key_t = key.transpose(-1, -2)
+        key_index = torch.arange(keys, device=query.device)
         outputs = []
         received = query.new_zeros((batch, keys), dtype=torch.float32)
         for start in range(0, queries, block):
             logits = torch.matmul(query[:, :, start : start + block], key_t) * scaling
             if attention_mask is not None:
                 logits = logits + attention_mask[:, :, start : start + block, :]
+            elif self.causal:  # query i sits at key position keys - queries + i
+                rows = torch.arange(start, min(start + block, queries), device=query.device) + keys - queries
+                logits = logits.masked_fill(key_index > rows[:, None], float("-inf"))
             probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
             outputs.append(torch.matmul(probs.to(value.dtype), value))
             received = received + probs.sum(dim=(1, 2))
@@ -67,10 +78,14 @@ class LastRowAttention:
 
     The layer itself runs on SDPA; only one extra row of probabilities is computed. Grouped-query attention
     repeats the key heads as the model's own attention does. The last row of a causal prompt sees every key.
+    By default decode steps (one query) are not scored; with `every_call` each call's row is appended to
+    `rows` as well (VLA-Pruner's action attention: the prompt's last row, then every decode step's).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, every_call: bool = False) -> None:
+        self.every_call = every_call
         self.value: Tensor | None = None
+        self.rows: list[Tensor] = []
 
     def __call__(
         self,
@@ -81,12 +96,16 @@ class LastRowAttention:
         attention_mask: Tensor | None,
         scaling: float,
     ) -> tuple[Tensor, None]:
-        if query.shape[2] == 1:  # a decode step: one query, no prompt row to score
+        if query.shape[2] == 1 and not self.every_call:  # a decode step: one query, no prompt row to score
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
         groups = query.shape[1] // key.shape[1]
         keys = repeat_kv(key, groups) if groups > 1 else key
         logits = torch.matmul(query[:, :, -1:], keys.transpose(-1, -2)) * scaling
+        if attention_mask is not None:
+            logits = logits + attention_mask[:, :, -1:, :]
         self.value = torch.softmax(logits, dim=-1, dtype=torch.float32)[:, :, 0].mean(dim=1)
+        if self.every_call:
+            self.rows.append(self.value)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
 
 

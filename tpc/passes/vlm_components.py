@@ -155,7 +155,7 @@ class PrefillComponent(_Decoder):
         cache, kept = _PrefillCache(), None
         for index in range(self.num_layers):
             if index == self.prune_layer:
-                kept = self._select(hidden, forced_indices)
+                kept = self._select(image_embeds, forced_indices)
                 text_before = torch.arange(start, device=hidden.device).expand(hidden.shape[0], start)
                 text_after = torch.arange(start + count, hidden.shape[1], device=hidden.device)
                 sequence = torch.cat([text_before, kept + start, text_after.expand(hidden.shape[0], -1)], dim=1)
@@ -170,13 +170,12 @@ class PrefillComponent(_Decoder):
         outputs = (self.logits(hidden), *present)
         return (*outputs, kept) if kept is not None else outputs
 
-    def _select(self, hidden: Tensor, forced_indices: Tensor | None) -> Tensor:
+    def _select(self, image_embeds: Tensor, forced_indices: Tensor | None) -> Tensor:
         if forced_indices is not None:
             return forced_indices
         start, count = self.layout.image_start, self.layout.image_tokens
         last_row = self.taps[self.prune_layer - 1].value[:, start : start + count]
-        image = hidden[:, start : start + count]
-        priority = self.method.priority(PrefillSignals(last_row, image), self.keep, self.params)
+        priority = self.method.priority(PrefillSignals(last_row, image_embeds), self.keep, self.params)
         return select_indices(priority, self.keep)
 
 
