@@ -62,7 +62,8 @@ def test_unknown_zoo_name_lists_the_zoo(tmp_path: Path, capsys: pytest.CaptureFi
     code, err = _run(capsys, _export(tmp_path / "o", "--method", "hiprune", "--keep", "8", model="zoo:tiny-vit"))
     assert (
         code == 2
-        and "unknown zoo model 'tiny-vit'; valid: clip-vit-l-336, llava-bench, tiny-clip, tiny-llava, tiny-siglip"
+        and "unknown zoo model 'tiny-vit'; valid: clip-vit-l-336, llava-bench, openvla-bench, tiny-clip, tiny-llava, "
+        "tiny-openvla, tiny-siglip"
         in err
     )
 

@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tpc.errors import UsageError
 from tpc.exporting import export
-from tpc.methods import vla_pruner
+from tpc.methods import fastv, vla_pruner
 from tpc.models_zoo import resolve
 from tpc.pipeline import PruneRequest, as_arrays, build
 from tpc.runtimes.policy import Policy, actions_from_tokens
@@ -242,6 +242,24 @@ def test_pruned_selection_equals_functional_api(release_dir: tuple[Path, dict]) 
     np.testing.assert_array_equal(kept, want.numpy())
 
 
+def test_fastv_on_a_policy_keeps_the_top_of_the_last_row(release_dir: tuple[Path, dict]) -> None:
+    """FastV (VLA-Pruner's use_temporal=False baseline) in the step graph: stateless, one graph, last-row scores."""
+    path, _ = release_dir
+    pruned = build(PruneRequest(str(path), "fastv", 40, {"layer": "3"}, prompt_len=20))
+    assert list(pruned.components) == ["step"]
+    inputs = as_arrays(pruned.samples(1))["step"]
+    kept = eager_outputs(pruned.components["step"], inputs)["kept_indices"]
+    model = pruned.source.adapter.load(pruned.source.path)
+    model.language_model.config._attn_implementation = "eager"
+    pixels, ids = (torch.from_numpy(inputs[k]) for k in ("pixel_values", "input_ids"))
+    with torch.no_grad():
+        attentions = model.language_model(
+            inputs_embeds=model.multimodal_embeddings(pixels, ids), output_attentions=True
+        ).attentions
+    want = fastv.select(fastv.scores(attentions[2], 1, 256), 40)
+    np.testing.assert_array_equal(kept, want.numpy())
+
+
 @pytest.fixture(scope="module")
 def vla_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """zoo:tiny-openvla, VLA-Pruner keep 64, exported and verified (the issue's command)."""
@@ -371,3 +389,22 @@ def test_bad_policy_requests_are_one_clear_error(
 
     with pytest.raises(UsageError, match=message):
         plan(PruneRequest(model, method, keep, params, batch=batch))
+
+
+def test_cli_verify_profile_and_inspect_a_policy(vla_export: Path, tmp_path: Path, capsys) -> None:
+    from tpc.cli import main
+
+    report_file = tmp_path / "verify.json"
+    assert main(["verify", str(vla_export), "--samples", "1", "--json", str(report_file)]) == 0
+    assert "PASS" in capsys.readouterr().out
+    episode = json.loads(report_file.read_text())["episode"]
+    assert episode["passed"] and episode["steps_agreeing"] == episode["total_steps"] == 8
+    assert main(["profile", str(vla_export), "--runs", "2", "--warmup", "0"]) == 0
+    assert "pruned" in capsys.readouterr().out
+    plan_file = tmp_path / "plan.json"
+    args = ["inspect", "zoo:tiny-openvla", "--method", "vla-pruner", "--keep", "64", "--json", str(plan_file)]
+    assert main(args) == 0
+    plan = json.loads(plan_file.read_text())
+    assert [t["layer"] for t in plan["taps"]] == [2, 3]
+    assert plan["decoder_lengths"]["pruned"] == [280, 280, 280, 88]
+    assert plan["ideal_speedup"]["step"] > 1

@@ -189,7 +189,8 @@ def profile(
     table = Table(title=f"profile: {report.runtime} on {report.machine}")
     for column in ("export", "graph", "median ms", "p90 ms", "min ms", "runs"):
         table.add_column(column)
-    headline = "vision + prefill (first token)" if "prefill" in report.components else "model"
+    headlines = {"prefill": "vision + prefill (first token)", "pruned": "control step (pruned)", "step": "control step"}
+    headline = next((label for part, label in headlines.items() if part in report.components), "model")
     rows = [(report.directory, headline, report.timing)]
     if len(report.components) > 1:
         rows += [(report.directory, name, t) for name, t in report.components.items()]
@@ -273,7 +274,7 @@ def methods() -> None:
 
     table = Table(title="methods")
     for column in ("method", "stage", "families", "parameters", "what it keeps", "reference"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in ("method", "stage"))
     for method in REGISTRY.values():
         families = ", ".join(name for name, adapter in FAMILIES.items() if adapter.accepts(method))
         params = ", ".join(f"{p.name}={p.default}" for p in method.params) or "-"

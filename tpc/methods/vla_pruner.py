@@ -108,8 +108,36 @@ def guide_from_history(history: Tensor, decay: float, order: str, dtype: torch.d
     window = history.shape[-2]
     weights = newest_first_weights(window, decay, order)
     guided = sum(weights[i] * history[..., window - 1 - i, :] for i in range(window))
-    total = guided.sum(dim=-1, keepdim=True) if order == "oldest-heaviest" else weights.sum()
+    total = pairwise_sum(guided).unsqueeze(-1) if order == "oldest-heaviest" else weights.sum()
     return (guided / total).to(dtype)
+
+
+def pairwise_sum(values: Tensor) -> Tensor:
+    """Sum over the last dimension in numpy's pairwise order (what the reference's float32 `np.sum` does).
+
+    The guide is rounded to bfloat16 right after this normalisation, so a sum one float32 ulp off (as torch's
+    own reduction order often is) can move a value across a bfloat16 rounding boundary. Static shapes only:
+    blocks of 8 running sums up to 128 values, halves (at a multiple of 8) above that.
+    """
+    count = values.shape[-1]
+    if count < 8:
+        total = torch.zeros_like(values[..., 0])
+        for i in range(count):
+            total = total + values[..., i]
+        return total
+    if count <= 128:
+        tail = count % 8
+        blocks = values[..., : count - tail].reshape(*values.shape[:-1], -1, 8)
+        r = blocks[..., 0, :]
+        for i in range(1, blocks.shape[-2]):
+            r = r + blocks[..., i, :]
+        pairs = [r[..., 2 * j] + r[..., 2 * j + 1] for j in range(4)]
+        total = (pairs[0] + pairs[1]) + (pairs[2] + pairs[3])
+        for i in range(count - tail, count):
+            total = total + values[..., i]
+        return total
+    half = count // 2 - (count // 2) % 8
+    return pairwise_sum(values[..., :half]) + pairwise_sum(values[..., half:])
 
 
 def top_mask(scores: Tensor, keep: int) -> Tensor:

@@ -116,6 +116,15 @@ def _action_stats(dims: int = 7) -> dict:
     }
 
 
+def _fused_towers(width: int, depths: tuple[int, int], heads: int, inner: int) -> list[dict]:
+    """A DINOv2 (4 registers) + SigLIP pair at 224 px / 14 (16x16 patches), both of one width."""
+    common = {"hidden_size": width, "num_heads": heads, "intermediate_size": inner, "patch_size": 14}
+    return [
+        {"family": "dinov2", "num_layers": depths[0], "registers": 4, **common},
+        {"family": "siglip", "num_layers": depths[1], **common},
+    ]
+
+
 def _openvla(towers: list[dict], text: LlamaConfig, pad_id: int) -> OpenVlaConfig:
     return OpenVlaConfig(
         text_config=text.to_dict(), norm_stats=_action_stats(), pad_token_id=pad_id, tower_specs=towers
@@ -126,12 +135,7 @@ def _tiny_openvla() -> OpenVlaConfig:
     """The release's structure at toy width: two 3-block towers (224 px, 16x16 patches), a 4-layer Llama (prune
     layer 3 as the reference, history layer 3: the last), vocabulary 512 + 64 padding (actions: the last 256 of 512).
     A control step is one graph with its 7 decoder passes unrolled, so depth is what export time scales with."""
-    towers = [
-        {"family": "dinov2", "hidden_size": 32, "num_layers": 3, "num_heads": 2, "intermediate_size": 64,
-         "patch_size": 14, "registers": 4},
-        {"family": "siglip", "hidden_size": 32, "num_layers": 3, "num_heads": 2, "intermediate_size": 64,
-         "patch_size": 14},
-    ]  # fmt: skip
+    towers = _fused_towers(width=32, depths=(3, 3), heads=2, inner=64)
     text = LlamaConfig(
         vocab_size=576,
         hidden_size=64,
@@ -152,12 +156,7 @@ def _openvla_bench() -> OpenVlaConfig:
     the reference; history layer 7, the last), so that one control step takes about a second on 2 CPU cores with
     the decoder dominating, as the 7B decoder does. Depth is kept low because a step is one graph with its 7
     decoder passes unrolled, and export time grows with it."""
-    towers = [
-        {"family": "dinov2", "hidden_size": 256, "num_layers": 24, "num_heads": 4, "intermediate_size": 1024,
-         "patch_size": 14, "registers": 4},
-        {"family": "siglip", "hidden_size": 256, "num_layers": 27, "num_heads": 4, "intermediate_size": 1024,
-         "patch_size": 14},
-    ]  # fmt: skip
+    towers = _fused_towers(width=256, depths=(24, 27), heads=4, inner=1024)
     text = LlamaConfig(
         vocab_size=32064,
         hidden_size=1024,

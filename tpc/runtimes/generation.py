@@ -95,13 +95,7 @@ class VLM(GenerationLoop):
 
     @classmethod
     def load(cls, directory: str | Path) -> VLM:
-        from tpc.exporter import runtime_for
-        from tpc.exporter.manifest import Manifest
+        from tpc.runtimes.base import load_components
 
-        directory = Path(directory)
-        manifest = Manifest.read(directory)
-        if manifest.generation is None:
-            raise UsageError(f"'{directory}' is a {manifest.model['family']} export, not a VLM: it has no generation")
-        runtime = runtime_for(manifest.target)
-        sessions = {c.name: runtime.load(directory / c.artifact) for c in manifest.components}
-        return cls({name: session.run for name, session in sessions.items()}, manifest)
+        manifest, runs = load_components(directory, "generation", "a VLM")
+        return cls(runs, manifest)

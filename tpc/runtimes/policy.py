@@ -91,16 +91,10 @@ class Policy:
 
     @classmethod
     def load(cls, directory: str | Path) -> Policy:
-        from tpc.exporter import runtime_for
-        from tpc.exporter.manifest import Manifest
+        from tpc.runtimes.base import load_components
 
-        directory = Path(directory)
-        manifest = Manifest.read(directory)
-        if manifest.policy is None:
-            raise UsageError(f"'{directory}' is a {manifest.model['family']} export, not a policy (no tpc.json policy)")
-        runtime = runtime_for(manifest.target)
-        sessions = {c.name: runtime.load(directory / c.artifact) for c in manifest.components}
-        return cls({name: session.run for name, session in sessions.items()}, manifest.policy)
+        manifest, runs = load_components(directory, "policy", "a policy")
+        return cls(runs, manifest.policy)
 
     @property
     def window(self) -> int:
