@@ -306,8 +306,10 @@ def plot(results: list[Result], path: Path, model: str, steps: int, window: int,
     left.legend(fontsize=8, loc="lower left")
     pruned = results[1:]
     px = np.arange(len(pruned))
-    right.bar(px - 0.2, [r.speedup for r in pruned], 0.4, label="measured, p50 (ORT CPU)")
-    right.bar(px + 0.2, [r.ideal_speedup for r in pruned], 0.4, label="FLOPs ideal")
+    measured = right.bar(px - 0.2, [r.speedup for r in pruned], 0.4, label="measured, p50 (ORT CPU)")
+    ideal = right.bar(px + 0.2, [r.ideal_speedup for r in pruned], 0.4, label="FLOPs ideal")
+    for bars in (measured, ideal):
+        right.bar_label(bars, fmt="%.2f×", fontsize=8)
     right.axhline(1.0, color="grey", linewidth=0.8)
     right.set_xticks(px, [f"keep {r.keep}" for r in pruned])
     right.set_ylabel("pruned step speedup over unpruned")
@@ -355,6 +357,8 @@ def main() -> None:
     args = parser.parse_args()
     keeps = tuple(args.keeps)
     console = Console()
+    if not console.is_terminal:
+        console.width = 160  # a log file: the table would wrap at 80 columns
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with Progress(console=console) as progress:
