@@ -125,9 +125,11 @@ def _fused_towers(width: int, depths: tuple[int, int], heads: int, inner: int) -
     ]
 
 
-def _openvla(towers: list[dict], text: LlamaConfig, pad_id: int) -> OpenVlaConfig:
+def _openvla(towers: list[dict], pad_id: int, **text: int | float) -> OpenVlaConfig:
+    """A policy config: the towers, a Llama decoder whose vocabulary ends with 64 padding ids after `pad_id`."""
+    llama = LlamaConfig(vocab_size=pad_id + 64, max_position_embeddings=2048, pad_token_id=pad_id, **text)
     return OpenVlaConfig(
-        text_config=text.to_dict(), norm_stats=_action_stats(), pad_token_id=pad_id, tower_specs=towers
+        text_config=llama.to_dict(), norm_stats=_action_stats(), pad_token_id=pad_id, tower_specs=towers
     )
 
 
@@ -136,18 +138,10 @@ def _tiny_openvla() -> OpenVlaConfig:
     layer 3 as the reference, history layer 3: the last), vocabulary 512 + 64 padding (actions: the last 256 of 512).
     A control step is one graph with its 7 decoder passes unrolled, so depth is what export time scales with."""
     towers = _fused_towers(width=32, depths=(3, 3), heads=2, inner=64)
-    text = LlamaConfig(
-        vocab_size=576,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        initializer_range=0.1,
-        pad_token_id=512,
-    )
-    return _openvla(towers, text, pad_id=512)
+    return _openvla(
+        towers, pad_id=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.1,
+    )  # fmt: skip
 
 
 def _openvla_bench() -> OpenVlaConfig:
@@ -157,18 +151,10 @@ def _openvla_bench() -> OpenVlaConfig:
     the decoder dominating, as the 7B decoder does. Depth is kept low because a step is one graph with its 7
     decoder passes unrolled, and export time grows with it."""
     towers = _fused_towers(width=256, depths=(24, 27), heads=4, inner=1024)
-    text = LlamaConfig(
-        vocab_size=32064,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        max_position_embeddings=2048,
-        initializer_range=0.05,
-        pad_token_id=32000,
-    )
-    return _openvla(towers, text, pad_id=32000)
+    return _openvla(
+        towers, pad_id=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+        num_key_value_heads=16, initializer_range=0.05,
+    )  # fmt: skip
 
 
 ZOO: dict[str, ZooEntry] = {
