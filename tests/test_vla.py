@@ -365,6 +365,7 @@ def test_actions_decode_as_the_release_does() -> None:
 def test_seeded_episodes_differ_by_seed_and_move_between_steps() -> None:
     plan = build(PruneRequest("zoo:tiny-openvla", "none", None)).plan
     first, other = seeded_frames(plan, 0, 3), seeded_frames(plan, 1, 3)
+    assert all(frame.shape == (224, 224, 3) for frame in seeded_frames(plan, 0, 200))  # long episodes too
     assert first[0].shape == (224, 224, 3) and first[0].dtype == np.uint8
     assert not np.array_equal(first[0], first[1]) and not np.array_equal(first[0], other[0])
     assert seeded_prompt(plan, 0)[0, 0] == 1 and seeded_prompt(plan, 0).shape == (1, 24)

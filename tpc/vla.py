@@ -199,13 +199,14 @@ def build_vla(plan: VlaPlan) -> Pruned:
 
 
 def seeded_frames(plan: VlaPlan, seed: int, steps: int) -> list[np.ndarray]:
-    """An episode's camera frames: a seeded low-frequency scene, shifting a little each step (uint8 RGB)."""
+    """An episode's camera frames of any length: a seeded low-frequency scene, shifting a little each step (wrapping
+    around, so the scene never runs out), plus per-frame noise (uint8 RGB)."""
     size = plan.geometry.image_size
     rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, size=(size // 16 + 2, size // 16 + 2, 3), dtype=np.uint8)
-    scene = np.kron(coarse, np.ones((16, 16, 1), dtype=np.uint8))
+    coarse = rng.integers(0, 256, size=(-(-size // 16), -(-size // 16), 3), dtype=np.uint8)
+    scene = np.kron(coarse, np.ones((16, 16, 1), dtype=np.uint8))[:size, :size]
     noise = rng.integers(0, 24, size=(steps, size, size, 3), dtype=np.uint8)
-    return [(scene[3 * t : 3 * t + size, 2 * t : 2 * t + size] // 2 + noise[t]).astype(np.uint8) for t in range(steps)]
+    return [(np.roll(scene, (3 * t, 2 * t), axis=(0, 1)) // 2 + noise[t]).astype(np.uint8) for t in range(steps)]
 
 
 def seeded_prompt(plan: VlaPlan, seed: int) -> np.ndarray:
