@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from tpc.errors import UsageError
 from tpc.exporting import export
 from tpc.methods import fastv, vla_pruner
 from tpc.models_zoo import resolve
-from tpc.pipeline import PruneRequest, as_arrays, build
+from tpc.pipeline import Pruned, PruneRequest, as_arrays, build
 from tpc.runtimes.policy import Policy, actions_from_tokens
 from tpc.verification import eager_outputs
 from tpc.vla import seeded_frames, seeded_prompt
@@ -147,6 +148,13 @@ def timm_tower(state: dict[str, torch.Tensor], prefix: str, spec: dict, pixels: 
     return x[:, prefix_tokens:]
 
 
+def eager_reference(pruned: Pruned, inputs: dict[str, np.ndarray]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The loaded policy with transformers' eager attention (it returns the maps), and the sample's tensors."""
+    model = pruned.source.adapter.load(pruned.source.path)
+    model.language_model.config._attn_implementation = "eager"
+    return model, torch.from_numpy(inputs["pixel_values"]), torch.from_numpy(inputs["input_ids"])
+
+
 @pytest.fixture(scope="module")
 def release_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
     path = tmp_path_factory.mktemp("openvla-release") / "checkpoint"
@@ -204,9 +212,7 @@ def test_warmup_importance_equals_functional_api_on_eager_attentions(release_dir
     history_layer = pruned.plan.method_params["history_layer"]
     inputs = as_arrays(pruned.samples(0))["warmup"]
     got = eager_outputs(pruned.components["warmup"], inputs)
-    model = pruned.source.adapter.load(pruned.source.path)
-    model.language_model.config._attn_implementation = "eager"
-    pixels, ids = (torch.from_numpy(inputs[k]) for k in ("pixel_values", "input_ids"))
+    model, pixels, ids = eager_reference(pruned, inputs)
     with torch.no_grad():
         embeds = model.multimodal_embeddings(pixels, ids)
         out = model.language_model.generate(
@@ -227,9 +233,7 @@ def test_pruned_selection_equals_functional_api(release_dir: tuple[Path, dict]) 
     pruned = build(PruneRequest(str(path), "vla-pruner", 48, {"criterion": "prefill"}, prompt_len=20))
     inputs = as_arrays(pruned.samples(3))["pruned"]
     kept = eager_outputs(pruned.components["pruned"], inputs)["kept_indices"]
-    model = pruned.source.adapter.load(pruned.source.path)
-    model.language_model.config._attn_implementation = "eager"
-    pixels, ids = (torch.from_numpy(inputs[k]) for k in ("pixel_values", "input_ids"))
+    model, pixels, ids = eager_reference(pruned, inputs)
     with torch.no_grad():
         embeds = model.multimodal_embeddings(pixels, ids)
         attentions = model.language_model(inputs_embeds=embeds, output_attentions=True).attentions
@@ -249,9 +253,7 @@ def test_fastv_on_a_policy_keeps_the_top_of_the_last_row(release_dir: tuple[Path
     assert list(pruned.components) == ["step"]
     inputs = as_arrays(pruned.samples(1))["step"]
     kept = eager_outputs(pruned.components["step"], inputs)["kept_indices"]
-    model = pruned.source.adapter.load(pruned.source.path)
-    model.language_model.config._attn_implementation = "eager"
-    pixels, ids = (torch.from_numpy(inputs[k]) for k in ("pixel_values", "input_ids"))
+    model, pixels, ids = eager_reference(pruned, inputs)
     with torch.no_grad():
         attentions = model.language_model(
             inputs_embeds=model.multimodal_embeddings(pixels, ids), output_attentions=True

@@ -30,7 +30,7 @@ from tpc.models_zoo import OpenVlaAdapter
 from tpc.models_zoo.openvla import OpenVlaForActionPrediction
 from tpc.ops import gather_tokens, select_indices
 from tpc.passes.attention_tap import LastRowAttention, ReceivedAttention, insert_taps
-from tpc.passes.vlm_components import INDEX_OUTPUT, _Decoder
+from tpc.passes.vlm_components import INDEX_OUTPUT, RecordingCache, _Decoder
 
 ACTION_OUTPUT, IMPORTANCE_OUTPUT, HISTORY_INPUT, HISTORY_OUTPUT = (
     "action_tokens",
@@ -51,22 +51,6 @@ class StepLayout:
     @property
     def prompt_length(self) -> int:
         return self.text_tokens + self.image_tokens
-
-
-class _GrowingCache:
-    """transformers' cache protocol for an unrolled decode: the prompt's keys/values, then each step's appended."""
-
-    def __init__(self) -> None:
-        self.entries: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def update(
-        self, key: Tensor, value: Tensor, layer_idx: int, *args: object, **kwargs: object
-    ) -> tuple[Tensor, Tensor]:
-        if layer_idx in self.entries:
-            past_key, past_value = self.entries[layer_idx]
-            key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
-        self.entries[layer_idx] = (key, value)
-        return key, value
 
 
 class PolicyStep(_Decoder):
@@ -121,7 +105,7 @@ class PolicyStep(_Decoder):
         hidden = torch.cat([text[:, :1], image.to(text.dtype), text[:, 1:]], dim=1)
         batch, length = hidden.shape[:2]
         rotary = self.adapter.rotary(self.model, hidden, torch.arange(length, device=hidden.device).expand(batch, -1))
-        cache, kept = _GrowingCache(), None
+        cache, kept = RecordingCache(), None
         for index in range(self.num_layers):
             if index == self.prune_layer:
                 kept = forced_indices if forced_indices is not None else self._select(image, history)

@@ -64,8 +64,9 @@ class VisionComponent(nn.Module):
         return self.projector(kept_features), kept_indices
 
 
-class _PrefillCache:
-    """The cache protocol transformers' attention calls (`update`), recording each layer's keys and values."""
+class RecordingCache:
+    """The cache protocol transformers' attention calls (`update`): records each layer's keys and values; a later
+    call on the same layer appends to them (the growing cache of an unrolled decode)."""
 
     def __init__(self) -> None:
         self.entries: dict[int, tuple[Tensor, Tensor]] = {}
@@ -73,6 +74,9 @@ class _PrefillCache:
     def update(
         self, key: Tensor, value: Tensor, layer_idx: int, *args: object, **kwargs: object
     ) -> tuple[Tensor, Tensor]:
+        if layer_idx in self.entries:
+            past_key, past_value = self.entries[layer_idx]
+            key, value = torch.cat([past_key, key], dim=2), torch.cat([past_value, value], dim=2)
         self.entries[layer_idx] = (key, value)
         return key, value
 
@@ -152,7 +156,7 @@ class PrefillComponent(_Decoder):
         hidden = torch.cat([text[:, :start], image_embeds.to(text.dtype), text[:, start + count :]], dim=1)
         positions = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[:2])
         rotary = self.adapter.rotary(self.model, hidden, positions)
-        cache, kept = _PrefillCache(), None
+        cache, kept = RecordingCache(), None
         for index in range(self.num_layers):
             if index == self.prune_layer:
                 kept = self._select(image_embeds, forced_indices)

@@ -102,7 +102,7 @@ class Policy:
 
     def reset(self) -> None:
         """Episode start: forget the history (the next `window` steps are warm-up steps)."""
-        shape = self.policy["state"]["history"]["shape"] if WARMUP in self.components else (0,)
+        shape = self.policy["state"]["history"]["shape"] if self.stateful else (0,)
         self.history = np.zeros(shape, dtype=np.float32)
         self.history_len = 0
 
