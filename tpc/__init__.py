@@ -5,8 +5,14 @@ The four entry points mirror the CLI. Heavy imports (torch, transformers, onnx) 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+# With the executorch extra installed, transformers imports torchao, which logs a warning for every CUDA
+# extension it cannot load on a CPU machine, and torch logs pytree deprecations: noise, not tpc's report.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
     from torch import nn

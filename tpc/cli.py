@@ -104,6 +104,49 @@ def _render_policy_plan(plan: dict[str, Any]) -> None:
     out.print(f"FLOPs-ideal speedup per step: {plan['ideal_speedup']['step']:.2f}x")
 
 
+def _render_export(directory: Path, json_path: Path | None) -> None:
+    from tpc.inspect import describe_export
+
+    info = describe_export(directory)
+    _write_json(json_path, info)
+    tokens = info["tokens"]
+    out.print(
+        f"[bold]{directory}[/bold]: {info['model']}, {info['method']} keep {info['keep']} -> {info['target']} "
+        f"({info['dtype']}); visual tokens {tokens['before']} -> {tokens['after']}"
+    )
+    verification = info["verification"] or {}
+    if verification.get("skipped"):
+        out.print(f"verification: skipped ({verification['skipped']})", soft_wrap=True)
+    elif verification:
+        out.print(f"verification: {'passed' if verification.get('passed') else 'FAILED'}")
+    for component in info["components"]:
+        where = f"{component['artifact']}" + (f" method {component['method']}" if component["method"] else "")
+        out.print(f"\n[bold]{component['name']}[/bold] ({where})")
+        out.print(f"  inputs {component['inputs']}\n  outputs {component['outputs']}", soft_wrap=True)
+        graph = component["graph"]
+        if "delegation" in graph:
+            _render_delegation(graph["delegation"])
+        for key, title in (("mil_ops", "MIL ops"), ("op_counts", "ONNX ops")):
+            if key in graph:
+                out.print(f"  {title}: " + ", ".join(f"{op} {n}" for op, n in graph[key].items()), soft_wrap=True)
+        if graph.get("neural_engine"):
+            out.print(f"  off the Neural Engine: {graph['neural_engine']}", soft_wrap=True)
+
+
+def _render_delegation(report: dict[str, Any]) -> None:
+    out.print(
+        f"  {report['backend']}: {report['islands']} islands, {report['delegated_nodes']} nodes delegated, "
+        f"{report['portable_nodes']} portable ({report['portable_segments']} portable runs, "
+        f"{report['select_segments']} holding a select); {report['delegated_flops_share']:.1%} of FLOPs delegated"
+    )
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("op", "delegated", "portable", "why portable"):
+        table.add_column(column, no_wrap=column != "why portable")
+    for op, row in report["ops"].items():
+        table.add_row(op, str(row["delegated"]), str(row["portable"]), "; ".join(row["why"]))
+    out.print(table)
+
+
 def _group_cache(diffs: dict[str, Any]) -> dict[str, Any]:
     """One row for a component's whole KV cache (`prefill.present.*`), its worst layer's numbers."""
     grouped: dict[str, Any] = {}
@@ -137,6 +180,12 @@ def export(
     samples: Annotated[int, typer.Option(help="inputs compared by the verification")] = 4,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output directory")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip the eager-vs-export check")] = False,
+    compute_units: Annotated[
+        str | None, typer.Option(help="coreml: all | cpu_and_gpu | cpu_only | cpu_and_ne (default all)")
+    ] = None,
+    bundle: Annotated[
+        bool, typer.Option("--bundle", help="executorch: also write bundle/ for executor_runner and benchmark apps")
+    ] = False,
 ) -> None:
     """Prune MODEL to KEEP visual tokens with METHOD, export it for TARGET, and verify it against eager."""
     from tpc.exporting import export as run_export
@@ -144,12 +193,15 @@ def export(
     from tpc.progress import rich_steps
 
     request = PruneRequest(model, method, keep, _parse_params(param or []), dtype, batch, prompt_len, max_new_tokens)
-    result = run_export(request, target, output, force, not no_verify, samples, step=rich_steps(err))
+    options = {"compute_units": compute_units} if compute_units is not None else {}
+    result = run_export(request, target, output, force, not no_verify, samples, rich_steps(err), options, bundle=bundle)
     if result.report is not None:
         _render_verify(result.report)
+    if result.skipped is not None:
+        out.print(f"[yellow]runtime check skipped[/yellow]: {result.skipped}", soft_wrap=True)
     manifest = result.manifest
     tokens = manifest.tokens
-    parts = ", ".join(c.artifact for c in manifest.components)
+    parts = ", ".join(dict.fromkeys(c.artifact for c in manifest.components))
     out.print(
         f"wrote {result.directory} ({parts}: {tokens['before']} -> {tokens['after']} visual tokens, "
         f"pruned at the {tokens['stage']} stage, {target})"
@@ -162,12 +214,24 @@ def verify(
     samples: Annotated[int, typer.Option(help="number of seeded inputs (the first is samples/inputs.npz)")] = 4,
     inputs: Annotated[Path | None, typer.Option(help=".npz of your own inputs, keyed by input name")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON")] = None,
+    allow_skip: Annotated[
+        bool,
+        typer.Option("--allow-skip", help="exit 0 when the runtime cannot run here (Core ML off macOS), saying so"),
+    ] = False,
 ) -> None:
     """Run the export in its runtime and compare with eager PyTorch; exit 1 if they differ."""
+    from tpc.errors import RuntimeUnavailable
     from tpc.progress import rich_steps
     from tpc.verification import verify as run_verify
 
-    report = run_verify(directory, samples, inputs, step=rich_steps(err))
+    try:
+        report = run_verify(directory, samples, inputs, step=rich_steps(err))
+    except RuntimeUnavailable as unavailable:
+        if not allow_skip:
+            raise
+        out.print(f"[yellow]SKIPPED[/yellow] {unavailable}", soft_wrap=True)
+        _write_json(json_path, {"passed": None, "skipped": str(unavailable)})
+        return
     _render_verify(report)
     _write_json(json_path, report.to_dict())
     if not report.passed:
@@ -181,9 +245,20 @@ def profile(
     warmup: Annotated[int, typer.Option(help="untimed runs first")] = 5,
     baseline: Annotated[Path | None, typer.Option(help="another export, timed alternately with this one")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON")] = None,
+    etdump: Annotated[
+        Path | None, typer.Option(help="executorch: read this ETDump recorded on a device instead of timing here")
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option(help="--etdump: the method it recorded (default: the file's stem, else the first)")
+    ] = None,
+    tick_ns: Annotated[float, typer.Option(help="--etdump: nanoseconds per ETDump tick")] = 1.0,
 ) -> None:
     """Latency of an export in its runtime (median, p90), and the speedup over a baseline export."""
     from tpc.profiling import profile as run_profile
+
+    if etdump is not None:
+        _render_etdump(directory, etdump, method, tick_ns, json_path)
+        return
 
     report = run_profile(directory, runs, warmup, baseline)
     table = Table(title=f"profile: {report.runtime} on {report.machine}")
@@ -207,9 +282,24 @@ def profile(
     _write_json(json_path, report.to_dict())
 
 
+def _render_etdump(directory: Path, etdump: Path, method: str | None, tick_ns: float, json_path: Path | None) -> None:
+    from tpc.etdump import etdump_report
+
+    report = etdump_report(directory, etdump, method, tick_ns)
+    runs = f", {report.runs} runs, median {report.median_run_ms:.3f} ms" if report.median_run_ms is not None else ""
+    table = Table(title=f"ETDump {report.etdump}: method {report.method}{runs}")
+    for column in ("operator", "kind", "calls", "total ms", "median ms", "share"):
+        table.add_column(column)
+    for row in report.operators:
+        share = f"{row.share:.1%}" if row.kind != "other" else ""
+        table.add_row(row.name, row.kind, str(row.calls), f"{row.total_ms:.3f}", f"{row.median_ms:.4f}", share)
+    out.print(table)
+    _write_json(json_path, report.to_dict())
+
+
 @app.command()
 def inspect(
-    model: Annotated[str, typer.Argument(help="local Hugging Face model directory, or zoo:NAME")],
+    model: Annotated[str, typer.Argument(help="zoo:NAME or a model directory (the plan), or an export directory")],
     method: Annotated[str, typer.Option(help="pruning method")] = "hiprune",
     keep: Annotated[int | None, typer.Option(help="visual tokens to keep (default: a quarter of them)")] = None,
     param: Annotated[list[str] | None, typer.Option(help="NAME=VALUE (repeatable)")] = None,
@@ -217,9 +307,15 @@ def inspect(
     prompt_len: Annotated[int | None, typer.Option(help="VLMs: text tokens of the static prompt")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="also write the plan as JSON")] = None,
 ) -> None:
-    """The plan: taps, prune point, tokens and FLOPs before/after (reads the config only)."""
+    """The plan: taps, prune point, tokens and FLOPs before/after (reads the config only); for an export
+    directory, its components, shapes and the target's report (ExecuTorch delegation, Core ML ops)."""
+    from tpc.exporter.manifest import MANIFEST_FILE
     from tpc.inspect import describe
     from tpc.pipeline import PruneRequest
+
+    if (Path(model) / MANIFEST_FILE).is_file():
+        _render_export(Path(model), json_path)
+        return
 
     request = PruneRequest(model, method, keep, _parse_params(param or []), "fp32", batch, prompt_len)
     plan = describe(request)

@@ -17,3 +17,10 @@ def unknown_name(kind: str, name: str, valid: Iterable[str], hint: str = "") -> 
     """The one wording for 'no such X', listing the valid ones so the user can retry at once."""
     listed = ", ".join(sorted(valid))
     return UsageError(f"unknown {kind} '{name}'; valid: {listed}{'. ' + hint if hint else ''}")
+
+
+class RuntimeUnavailable(UsageError):
+    """The export is fine, but its runtime cannot run on this machine (Core ML prediction off macOS).
+
+    `tpc verify --allow-skip` accepts such an export on the checks that could run; without it, exit 2.
+    """

@@ -12,16 +12,21 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
+from torch import nn
 
 import tpc
-from tpc.errors import UsageError
-from tpc.exporter import get_target, runtime_for
+from tpc.errors import RuntimeUnavailable, UsageError
+from tpc.exporter import ExportPart, get_target, runtime_for
+from tpc.exporter.bundle import write_bundle
 from tpc.exporter.manifest import ComponentSpec, Manifest, TensorSpec, write_samples
 from tpc.pipeline import Pruned, PruneRequest, as_arrays, build
 from tpc.progress import Step, silent
+from tpc.runtimes import RUNTIMES
+from tpc.runtimes.base import FORCED_INPUT
 from tpc.verification import (
     VerifyReport,
     eager_outputs,
@@ -44,6 +49,40 @@ class ExportResult:
     directory: Path
     manifest: Manifest
     report: VerifyReport | None
+    skipped: str | None = None  # why the runtime check could not run here (its checks at export time still ran)
+
+
+TEACHER_FORCED_DIR = "teacher_forced"
+
+
+class TeacherForced(nn.Module):
+    """A component whose selection is replaced by a `kept_indices` input (its last), for targets that cannot
+    cut a compiled graph: verification feeds it the eager indices to tell a selection flip from drift."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        *inputs, kept_indices = args
+        return self.module(*inputs, forced_indices=kept_indices)
+
+
+def teacher_forced_parts(pruned: Pruned, first_inputs: dict[str, dict]) -> dict[str, ExportPart]:
+    """The components that select tokens, as teacher-forced graphs fed the eager kept indices."""
+    parts = {}
+    for name, component in pruned.components.items():
+        if FORCED_INPUT not in component.output_names:
+            continue
+        inputs = first_inputs[name]
+        kept = eager_outputs(component, inputs)[FORCED_INPUT]
+        tensors = _tensors({**inputs, FORCED_INPUT: kept})
+        parts[name] = ExportPart(TeacherForced(component.module), tensors, component.output_names)
+    return parts
+
+
+def _tensors(arrays: dict) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(array) for name, array in arrays.items()}
 
 
 def _check_output(output: Path, force: bool) -> None:
@@ -114,11 +153,20 @@ def export(
     run_verify: bool = True,
     samples: int = 4,
     step: Step = silent,
+    target_options: dict[str, Any] | None = None,
+    bundle: bool = False,
 ) -> ExportResult:
-    """Export `request` for `target` into `output`; raises VerificationFailed if it does not match eager."""
+    """Export `request` for `target` into `output`; raises VerificationFailed if it does not match eager.
+
+    `target_options`: the target's own settings (Core ML's `compute_units`). `bundle`: ExecuTorch only, also
+    write the phone benchmark bundle (`tpc.exporter.bundle`). Where the target's runtime cannot run on this
+    machine (Core ML off macOS), the export keeps its conversion checks and records the skipped run.
+    """
     output = Path(output).expanduser().resolve()
-    exporter = get_target(target)
+    exporter = get_target(target, **(target_options or {}))
     exporter.check_installed()
+    if bundle and target != "executorch":
+        raise UsageError(f"--bundle applies to --target executorch (an ExecuTorch benchmark bundle), not '{target}'")
     _check_output(output, force)
     with step(f"load {request.model} and insert {request.method} prune point"):
         pruned = build(request)
@@ -127,23 +175,32 @@ def export(
     staging.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
     try:
         first_inputs = as_arrays(pruned.samples(seed=0))
+        parts = {
+            name: ExportPart(component.module, _tensors(first_inputs[name]), component.output_names)
+            for name, component in pruned.components.items()
+        }
+        with step(f"export {', '.join(parts)} to {target}"):
+            artifacts = exporter.export_components(parts, staging, staging)
+        forced_parts = {} if RUNTIMES[exporter.runtime].cuts_outputs else teacher_forced_parts(pruned, first_inputs)
+        forced = {}
+        if forced_parts:
+            with step(f"export teacher-forced {', '.join(forced_parts)} (verification only)"):
+                forced = exporter.export_components(forced_parts, staging / TEACHER_FORCED_DIR, staging)
         specs, versions = [], {}
         for name, component in pruned.components.items():
-            inputs = first_inputs[name]
-            artifact = f"{name}{exporter.suffix}"
-            with step(f"export {name} to {target}"):
-                tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
-                graph = exporter.export(component.module, tensors, component.output_names, staging / artifact)
-            versions.update(graph.pop("versions", {}))
+            inputs, artifact = first_inputs[name], artifacts[name]
+            versions.update(artifact.graph.pop("versions", {}))
             expected = eager_outputs(component, inputs)
             write_samples(staging, name, inputs, expected)
             specs.append(
                 ComponentSpec(
                     name,
-                    artifact,
+                    artifact.path,
                     [TensorSpec.of(n, a) for n, a in inputs.items()],
                     [TensorSpec.of(n, a) for n, a in expected.items()],
-                    graph,
+                    artifact.graph,
+                    method=artifact.method,
+                    teacher_forced=forced[name].path if name in forced else None,
                 )
             )
         manifest = _manifest(pruned, target, specs, versions)
@@ -152,14 +209,22 @@ def export(
         if manifest.policy is not None:
             write_episode_sample(staging, pruned)
         manifest.write(staging)
-        report = None
+        if bundle:
+            with step("write the phone benchmark bundle"):
+                write_bundle(staging, manifest)
+        report, skipped = None, None
         if run_verify:
-            report = verify(staging, samples=samples, pruned=pruned, step=step)
-            manifest.verification = report.to_dict()
+            try:
+                report = verify(staging, samples=samples, pruned=pruned, step=step)
+            except RuntimeUnavailable as unavailable:
+                skipped = str(unavailable)
+                manifest.verification = {"passed": None, "skipped": skipped}
+            else:
+                manifest.verification = report.to_dict()
             manifest.write(staging)
-            if not report.passed:
+            if report is not None and not report.passed:
                 raise VerificationFailed(report)
         _commit(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ExportResult(output, manifest, report)
+    return ExportResult(output, manifest, report, skipped)

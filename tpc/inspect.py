@@ -7,8 +7,10 @@ tokens and FLOPs before and after, so a user can check a budget before spending 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+from tpc.exporter.manifest import Manifest
 from tpc.models_zoo import resolve
 from tpc.passes.attention_tap import ReceivedAttention
 from tpc.pipeline import Plan, PruneRequest, plan
@@ -134,4 +136,31 @@ def _describe_policy(request: PruneRequest, source: Any) -> dict[str, Any]:
         "decoder_lengths": policy["decoder_lengths"],
         "flops": {"pruned": flops, "unpruned": full},
         "ideal_speedup": {"step": full["step"] / flops["step"]},
+    }
+
+
+def describe_export(directory: Path) -> dict[str, Any]:
+    """An export directory as plain data: what it holds, its static I/O, and each component's target report
+    (the ExecuTorch delegation table, Core ML's MIL ops and Neural Engine notes, ONNX op counts)."""
+    manifest = Manifest.read(directory)
+    return {
+        "directory": str(directory),
+        "model": manifest.model["ref"],
+        "method": manifest.method,
+        "keep": manifest.keep,
+        "target": manifest.target,
+        "dtype": manifest.dtype,
+        "tokens": manifest.tokens,
+        "verification": manifest.verification,
+        "components": [
+            {
+                "name": spec.name,
+                "artifact": spec.artifact,
+                "method": spec.method,
+                "inputs": {s.name: f"{s.dtype}{s.shape}" for s in spec.inputs},
+                "outputs": {s.name: f"{s.dtype}{s.shape}" for s in spec.outputs},
+                "graph": spec.graph,
+            }
+            for spec in manifest.components
+        ],
     }

@@ -19,6 +19,7 @@ from typing import Any
 from tpc.errors import UsageError
 from tpc.exporter import runtime_for
 from tpc.exporter.manifest import INPUTS_FILE, Manifest, read_samples
+from tpc.runtimes.base import open_component
 
 
 @dataclass
@@ -71,7 +72,7 @@ class TimedExport:
         self.runtime = runtime.name
         self.runs: dict[str, Callable[[], object]] = {}
         for spec in manifest.components:
-            session = runtime.load(directory / spec.artifact)
+            session = open_component(runtime, directory, spec)
             self.runs[spec.name] = functools.partial(session.run, read_samples(directory, spec.name, INPUTS_FILE))
         parts = [n for n in FIRST_TOKEN if n in self.runs] or [n for n in POLICY_STEP if n in self.runs]
         self.headline_parts = parts or list(self.runs)

@@ -37,6 +37,7 @@ from tpc.exporter.manifest import (
 from tpc.pipeline import SINGLE, Component, Pruned, PruneRequest, as_arrays, build, seeded_pixels
 from tpc.progress import Step, silent
 from tpc.runtimes import Runtime
+from tpc.runtimes.base import FORCED_INPUT, open_component
 from tpc.runtimes.generation import GenerationLoop, prefill_ids
 
 
@@ -48,7 +49,6 @@ class Tolerance:
 
 
 TOLERANCES = {"fp32": Tolerance(1e-4, 1e-3), "fp16": Tolerance(4e-3, 1e-2, atol_scaled_by_max=True)}
-INDEX_OUTPUT = "kept_indices"
 
 
 @dataclass
@@ -287,13 +287,13 @@ def _check_component(
     want = eager_outputs(component, inputs)
     got = exported.run(inputs)
     rows_equal = np.ones(1, dtype=bool)
-    if INDEX_OUTPUT in want:
-        rows_equal = np.all(got[INDEX_OUTPUT] == want[INDEX_OUTPUT], axis=-1)
+    if FORCED_INPUT in want:
+        rows_equal = np.all(got[FORCED_INPUT] == want[FORCED_INPUT], axis=-1)
         report.kept_rows += rows_equal.size
         report.kept_rows_agreeing += int(rows_equal.sum())
-    teacher = forced.run({**inputs, INDEX_OUTPUT: want[INDEX_OUTPUT]}) if forced is not None else None
+    teacher = forced.run({**inputs, FORCED_INPUT: want[FORCED_INPUT]}) if forced is not None else None
     for name in component.output_names:
-        if name == INDEX_OUTPUT:
+        if name == FORCED_INPUT:
             continue
         key = f"{label}{name}"
         if teacher is not None:
@@ -361,9 +361,9 @@ def verify(
             pruned = build(request_from_manifest(manifest))
     sessions = {}
     for spec in manifest.components:
-        selects = any(o.name == INDEX_OUTPUT for o in spec.outputs)
-        forced = runtime.load(directory / spec.artifact, forced=(INDEX_OUTPUT,)) if selects else None
-        sessions[spec.name] = (runtime.load(directory / spec.artifact), forced)
+        selects = any(o.name == FORCED_INPUT for o in spec.outputs)
+        forced = open_component(runtime, directory, spec, teacher_forced=True) if selects else None
+        sessions[spec.name] = (open_component(runtime, directory, spec), forced)
     seeds = [manifest.sample_seed + i for i in range(samples)]
     if inputs_file is not None:
         sample_inputs = [_sample_inputs(pruned, _load_user_inputs(Path(inputs_file), _entry_specs(manifest)))]

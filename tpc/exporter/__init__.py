@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from tpc.errors import UsageError, unknown_name
-from tpc.exporter.base import Target
+from tpc.exporter.base import Artifact, ExportPart, Target
+from tpc.exporter.executorch import ExecuTorchTarget
 from tpc.exporter.onnx import OnnxTarget
 from tpc.runtimes import RUNTIMES, Runtime
 
-TARGETS: dict[str, Target] = {t.name: t for t in (OnnxTarget(),)}
+TARGETS: dict[str, type[Target]] = {t.name: t for t in (OnnxTarget, ExecuTorchTarget)}
 # Named in the product's CLI, not built yet: saying so beats "unknown target".
-PLANNED_TARGETS = ("tensorrt", "executorch", "coreml")
+PLANNED_TARGETS = ("tensorrt",)
 
 
-def get_target(name: str) -> Target:
+def get_target(name: str, **options: Any) -> Target:
+    """The target `name`, configured with its options (e.g. Core ML's compute_units); one line if unknown."""
     if name in PLANNED_TARGETS:
         raise UsageError(
             f"target '{name}' is not available in this version of tpc yet; available: {', '.join(TARGETS)}"
         )
     if name not in TARGETS:
         raise unknown_name("target", name, [*TARGETS, *PLANNED_TARGETS])
-    return TARGETS[name]
+    target = TARGETS[name]
+    for option in options:
+        if option not in target.options:
+            accepted = ", ".join(target.options) or "none"
+            raise UsageError(f"option '{option}' does not apply to target '{name}' (its options: {accepted})")
+    return target(**options)
 
 
 def runtime_for(target_name: str) -> type[Runtime]:
@@ -29,4 +38,4 @@ def runtime_for(target_name: str) -> type[Runtime]:
     return RUNTIMES[target.runtime]
 
 
-__all__ = ["TARGETS", "Target", "get_target", "runtime_for"]
+__all__ = ["TARGETS", "Artifact", "ExportPart", "Target", "get_target", "runtime_for"]

@@ -1,9 +1,10 @@
-"""What a target is: a name, the pip extra that brings its tools, and how it writes one artifact."""
+"""What a target is: a name, the pip extra that brings its tools, and how it writes a model's artifacts."""
 
 from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -12,12 +13,31 @@ from torch import Tensor, nn
 from tpc.errors import UsageError
 
 
+@dataclass
+class ExportPart:
+    """One graph to export: the eager module, its example inputs by name (static shapes), its output names."""
+
+    module: nn.Module
+    inputs: dict[str, Tensor]
+    output_names: tuple[str, ...]
+
+
+@dataclass
+class Artifact:
+    """Where a component landed: a file (relative to the export directory), the method inside it, and facts."""
+
+    path: str
+    method: str | None = None  # entry point inside a multi-method artifact (ExecuTorch); None: the file's only graph
+    graph: dict[str, Any] = field(default_factory=dict)  # target facts for the manifest; `versions` is popped
+
+
 class Target(ABC):
     name: ClassVar[str]
     suffix: ClassVar[str]  # artifact file suffix: a component `vision` becomes `vision{suffix}`
     extra: ClassVar[str]  # `pip install tpc[EXTRA]`
     requires: ClassVar[tuple[str, ...]]  # importable modules the target needs
     runtime: ClassVar[str]  # name in tpc.runtimes.RUNTIMES that runs the artifact
+    options: ClassVar[dict[str, str]] = {}  # target option -> what it means (the CLI's --compute-units, ...)
 
     def check_installed(self) -> None:
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
@@ -36,3 +56,15 @@ class Target(ABC):
         path: Path,
     ) -> dict[str, Any]:
         """Write one component's artifact to `path`; return facts for the manifest (op counts, `versions`)."""
+
+    def export_components(self, parts: dict[str, ExportPart], directory: Path, root: Path) -> dict[str, Artifact]:
+        """Write every component under `directory` (inside the export directory `root`): one file each.
+
+        Targets whose format holds several graphs in one file (ExecuTorch methods) override this.
+        """
+        artifacts = {}
+        for name, part in parts.items():
+            path = directory / f"{name}{self.suffix}"
+            graph = self.export(part.module, part.inputs, part.output_names, path)
+            artifacts[name] = Artifact(str(path.relative_to(root)), None, graph)
+        return artifacts

@@ -46,7 +46,9 @@ class ComponentSpec:
     artifact: str  # file name inside the export directory
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    graph: dict[str, Any] = field(default_factory=dict)  # target facts: opset, op counts, ...
+    graph: dict[str, Any] = field(default_factory=dict)  # target facts: opset, op counts, delegation, ...
+    method: str | None = None  # the entry point inside a multi-method artifact (ExecuTorch); None: its only graph
+    teacher_forced: str | None = None  # artifact taking `kept_indices` as input, for runtimes that cannot cut
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ComponentSpec:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from tpc.runtimes.base import Runtime
+from tpc.runtimes.executorch import ExecuTorchRuntime
 from tpc.runtimes.generation import VLM, GenerationLoop
 from tpc.runtimes.onnxruntime import OnnxRuntime
 
-RUNTIMES: dict[str, type[Runtime]] = {r.name: r for r in (OnnxRuntime,)}
+RUNTIMES: dict[str, type[Runtime]] = {r.name: r for r in (OnnxRuntime, ExecuTorchRuntime)}
 
-__all__ = ["RUNTIMES", "VLM", "GenerationLoop", "OnnxRuntime", "Runtime"]
+__all__ = ["RUNTIMES", "VLM", "ExecuTorchRuntime", "GenerationLoop", "OnnxRuntime", "Runtime"]

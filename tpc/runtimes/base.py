@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,11 +14,23 @@ from tpc.errors import UsageError
 
 class Runtime(ABC):
     name: ClassVar[str]
+    # True: `load(forced=...)` cuts the artifact's graph to teacher-force it; False: the export writes a separate
+    # teacher-forced artifact (`teacher_forced` in tpc.json) whose inputs end with `kept_indices`
+    cuts_outputs: ClassVar[bool] = True
 
     @classmethod
     @abstractmethod
-    def load(cls, artifact: Path, forced: tuple[str, ...] = ()) -> Runtime:
-        """Open the artifact. `forced`: output names to turn into inputs (teacher forcing)."""
+    def load(
+        cls,
+        artifact: Path,
+        forced: tuple[str, ...] = (),
+        *,
+        method: str | None = None,
+        input_names: Sequence[str] = (),
+        output_names: Sequence[str] = (),
+    ) -> Runtime:
+        """Open the artifact (its `method`, for multi-method files). `forced`: output names to turn into inputs
+        (teacher forcing). The names give positional formats (ExecuTorch) their I/O names."""
 
     @abstractmethod
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -41,4 +53,24 @@ def load_components(directory: str | Path, section: str, what: str) -> tuple[Any
         family = manifest.model["family"]
         raise UsageError(f"'{directory}' is a {family} export, not {what} (tpc.json has no {section})")
     runtime = runtime_for(manifest.target)
-    return manifest, {c.name: runtime.load(directory / c.artifact).run for c in manifest.components}
+    return manifest, {c.name: open_component(runtime, directory, c).run for c in manifest.components}
+
+
+FORCED_INPUT = "kept_indices"
+
+
+def open_component(runtime: type[Runtime], directory: Path, spec: Any, teacher_forced: bool = False) -> Runtime:
+    """Load one component of an export (`spec`: its manifest ComponentSpec) in `runtime`.
+
+    `teacher_forced`: a session that takes `kept_indices` as an input, by cutting the artifact's graph where
+    the runtime can, else from the teacher-forced artifact the export wrote beside it.
+    """
+    inputs, outputs = [s.name for s in spec.inputs], [s.name for s in spec.outputs]
+    where = {"method": spec.method, "output_names": outputs}
+    if not teacher_forced:
+        return runtime.load(directory / spec.artifact, input_names=inputs, **where)
+    if runtime.cuts_outputs:
+        return runtime.load(directory / spec.artifact, forced=(FORCED_INPUT,), input_names=inputs, **where)
+    if spec.teacher_forced is None:
+        raise UsageError(f"'{directory}' has no teacher-forced artifact for '{spec.name}'; re-export it")
+    return runtime.load(directory / spec.teacher_forced, input_names=[*inputs, FORCED_INPUT], **where)

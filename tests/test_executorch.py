@@ -1,0 +1,255 @@
+"""ExecuTorch target: one `.pte` with a method per component, run by `executorch.runtime`, verified like ONNX.
+
+The end-to-end test goes through the CLI exactly as a user would (`--target executorch --bundle`); the matrix
+lowers each model's method variants and runs every one in the ExecuTorch runtime against eager PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tpc.cli import main
+from tpc.exporter.base import ExportPart
+from tpc.exporter.executorch import ExecuTorchTarget
+from tpc.pipeline import PruneRequest, as_arrays, build
+from tpc.runtimes.executorch import ExecuTorchRuntime
+from tpc.verification import TOLERANCES, eager_outputs
+
+STANDALONE_ET = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import torch
+    from executorch.runtime import Runtime
+    directory = sys.argv[1]
+    manifest = json.load(open(f"{directory}/tpc.json"))
+    program = Runtime.get().load_program(f"{directory}/model.pte")
+    assert program.method_names == {c["method"] for c in manifest["components"]}, program.method_names
+    for component in manifest["components"]:
+        where = directory + "/samples/" + component["name"]
+        inputs = np.load(where + "/inputs.npz")
+        expected = np.load(where + "/expected.npz")
+        args = [torch.from_numpy(inputs[spec["name"]]) for spec in component["inputs"]]
+        outputs = program.load_method(component["method"]).execute(args)
+        for spec, out in zip(component["outputs"], outputs):
+            want = expected[spec["name"]]
+            assert list(out.shape) == spec["shape"], (spec, out.shape)
+            if spec["name"] == "kept_indices":
+                np.testing.assert_array_equal(out.numpy(), want)
+            else:
+                np.testing.assert_allclose(out.numpy(), want, rtol=1e-3, atol=1e-4)
+    assert not any(name == "tpc" or name.startswith("tpc.") for name in sys.modules)
+    print("ran", sorted(program.method_names))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def llava_pte(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("et") / "llava"
+    args = ["--method", "hiprune", "--keep", "64", "--target", "executorch", "--bundle"]
+    assert main(["export", "zoo:tiny-llava", "--output", str(out), *args]) == 0
+    return out
+
+
+def test_tiny_llava_exports_verifies_and_reports_delegation(llava_pte: Path) -> None:
+    manifest = json.loads((llava_pte / "tpc.json").read_text())
+    assert manifest["verification"]["passed"] is True
+    assert manifest["verification"]["kept_rows_agreeing"] == manifest["verification"]["kept_rows"] > 0
+    assert manifest["verification"]["teacher_forced"], "the teacher-forced program must have been run"
+    assert {c["method"] for c in manifest["components"]} == {"vision", "prefill", "decode"}
+    assert {c["artifact"] for c in manifest["components"]} == {"model.pte"}
+    vision = manifest["components"][0]
+    assert vision["teacher_forced"] == "teacher_forced/model.pte"
+    for component in manifest["components"]:
+        report = component["graph"]["delegation"]
+        assert report["backend"] == "XnnpackBackend" and report["islands"] >= 1
+        assert report["delegated_nodes"] == sum(op["delegated"] for op in report["ops"].values())
+        assert 0.5 < report["delegated_flops_share"] <= 1.0
+        assert all(op["why"] for op in report["ops"].values() if op["portable"]), "every portable op says why"
+    delegation = vision["graph"]["delegation"]
+    assert delegation["ops"]["aten.topk.default"] == {"delegated": 0, "portable": 4, "why": ["no XNNPACK kernel"]}
+    assert delegation["ops"]["aten.linear.default"]["portable"] == 0
+    # HiPrune's anchor TopK and the select op's two TopKs share one portable run between two islands
+    assert delegation["select_segments"] == 1
+    assert manifest["verification"]["generation"]["passed"] is True
+
+
+def test_pte_runs_in_a_separate_process_with_executorch_alone(llava_pte: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", STANDALONE_ET, str(llava_pte)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ran ['decode', 'prefill', 'vision']" in result.stdout
+
+
+def test_bundle_checks_itself_in_the_runtime(llava_pte: Path) -> None:
+    from executorch.extension.pybindings.portable_lib import _load_bundled_program_from_buffer
+
+    bundle = llava_pte / "bundle"
+    assert (bundle / "model.pte").read_bytes() == (llava_pte / "model.pte").read_bytes()
+    bundled = _load_bundled_program_from_buffer((bundle / "model.bpte").read_bytes())
+    for method in ("vision", "prefill", "decode"):  # runs the method on its bundled inputs, raises on a mismatch
+        outputs = bundled.verify_result_with_bundled_expected_output(method, 0, 1e-3, 1e-4)
+        expected = np.load(llava_pte / "samples" / method / "expected.npz")
+        assert len(outputs) == len(expected.files)
+    readme = (bundle / "README.md").read_text()
+    for method in ("vision", "prefill", "decode"):
+        files = sorted((bundle / "inputs" / method).iterdir())
+        assert files and f"--method_name {method} --inputs " in readme
+        assert all(f"inputs/{method}/{f.name}" in readme for f in files)
+    pixels = np.fromfile(bundle / "inputs" / "vision" / "0_pixel_values.bin", dtype=np.float32)
+    sample = np.load(llava_pte / "samples" / "vision" / "inputs.npz")["pixel_values"]
+    np.testing.assert_array_equal(pixels, sample.ravel())
+
+
+def test_onnx_and_executorch_keep_the_same_tokens(llava_pte: Path, exported: Callable[..., Path]) -> None:
+    from tpc.runtimes.onnxruntime import OnnxRuntime
+
+    onnx_dir = exported("zoo:tiny-llava", "hiprune", 64)
+    pruned = build(PruneRequest("zoo:tiny-llava", "hiprune", 64))
+    et = ExecuTorchRuntime.load(llava_pte / "model.pte", method="vision", input_names=["pixel_values"],
+                                output_names=["image_embeds", "kept_indices"])  # fmt: skip
+    ort = OnnxRuntime.load(onnx_dir / "vision.onnx")
+    for seed in range(4):
+        pixels = as_arrays(pruned.samples(seed))["vision"]
+        kept_et, kept_onnx = et.run(pixels)["kept_indices"], ort.run(pixels)["kept_indices"]
+        np.testing.assert_array_equal(kept_et, kept_onnx)
+        np.testing.assert_array_equal(kept_et, eager_outputs(pruned.components["vision"], pixels)["kept_indices"])
+
+
+def test_inspect_an_export_directory_shows_the_delegation_table(llava_pte: Path, capsys, tmp_path: Path) -> None:
+    assert main(["inspect", str(llava_pte), "--json", str(tmp_path / "i.json")]) == 0
+    shown = capsys.readouterr().out
+    assert "XnnpackBackend" in shown and "islands" in shown and "topk" in shown
+    info = json.loads((tmp_path / "i.json").read_text())
+    assert [c["method"] for c in info["components"]] == ["vision", "prefill", "decode"]
+
+
+def _synthetic_etdump(program: Path, method: str, path: Path) -> dict[str, float]:
+    """An ETDump in the runtime's format (ExecuTorch's own serializer) for one run of `method`: each instruction
+    of the method's chain an OPERATOR_CALL / DELEGATE_CALL event, 1 us longer than the one before it. The pip
+    runtime is built without the event tracer, so a phone's file is stood in for by this one."""
+    from executorch.devtools.etdump import schema_flatcc as schema
+    from executorch.devtools.etdump.serialize import serialize_to_etdump_flatcc
+
+    from tpc.etdump import instruction_names
+
+    names = instruction_names(program, method)
+    events, clock, expected = [], 0, {}
+    for (chain, index), (name, kind) in sorted(names.items()):
+        duration = 1000 * (index + 1)
+        event_name = "DELEGATE_CALL" if kind == "delegate" else "OPERATOR_CALL"
+        profile = schema.ProfileEvent(event_name, chain, index, -1, "", b"", clock, clock + duration)
+        events.append(schema.Event(profile, None, None))
+        expected[name] = expected.get(name, 0.0) + duration / 1e6
+        clock += duration
+    run = schema.ProfileEvent("Method::execute", 0, -1, -1, "", b"", 0, clock)
+    events.append(schema.Event(run, None, None))
+    etdump = schema.ETDumpFlatCC(version=0, run_data=[schema.RunData("Execute", -1, [], events)])
+    data = serialize_to_etdump_flatcc(etdump)
+    path.write_bytes(struct.pack("<I", len(data)) + data)  # size-prefixed, as ETDumpGen writes it
+    return expected
+
+
+def test_profile_reads_an_etdump_into_a_per_operator_table(llava_pte: Path, tmp_path: Path, capsys) -> None:
+    etdump = tmp_path / "vision.etdump"
+    expected = _synthetic_etdump(llava_pte / "model.pte", "vision", etdump)
+    report_path = tmp_path / "profile.json"
+    assert main(["profile", str(llava_pte), "--etdump", str(etdump), "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["method"] == "vision" and report["runs"] == 1
+    got = {row["name"]: row["total_ms"] for row in report["operators"]}
+    assert got.keys() == expected.keys()
+    for name, total in expected.items():
+        assert got[name] == pytest.approx(total)
+    assert any(name.startswith("aten::topk") for name in got) and "XnnpackBackend island 0" in got
+    assert report["median_run_ms"] == pytest.approx(sum(expected.values()))
+    assert "XnnpackBackend island 0" in capsys.readouterr().out
+    (tmp_path / "junk.etdump").write_bytes(b"not an etdump")
+    assert main(["profile", str(llava_pte), "--etdump", str(tmp_path / "junk.etdump")]) == 2
+
+
+MATRIX = {
+    "zoo:tiny-clip": ["hiprune", "fastv", "divprune", "random"],
+    "zoo:tiny-siglip": ["hiprune", "fastv", "divprune", "random"],
+    "zoo:tiny-llava": ["fastv", "divprune", "random"],  # hiprune: the end-to-end export above
+    "zoo:tiny-openvla": ["vla-pruner", "fastv"],
+}
+
+
+@pytest.mark.parametrize("model", sorted(MATRIX))
+def test_every_method_lowers_runs_and_matches_eager(model: str, tmp_path: Path) -> None:
+    """All of a model's method variants as methods of one program (one lowering), each run in the runtime on
+    two seeds: kept indices equal to eager, every other output within the fp32 tolerance."""
+    variants, parts = {}, {}
+    for method in MATRIX[model]:
+        keep = 32 if "openvla" in model else 16
+        pruned = build(PruneRequest(model, method, keep))
+        variants[method] = pruned
+        samples = pruned.samples(0)
+        for name, component in pruned.components.items():
+            parts[f"{method}__{name}"] = ExportPart(component.module, samples[name], component.output_names)
+    artifacts = ExecuTorchTarget().export_components(parts, tmp_path, tmp_path)
+    tolerance = TOLERANCES["fp32"]
+    for method, pruned in variants.items():
+        for seed in (0, 1):
+            inputs = as_arrays(pruned.samples(seed))
+            for name, component in pruned.components.items():
+                artifact = artifacts[f"{method}__{name}"]
+                assert artifact.graph["delegation"]["islands"] >= 1
+                session = ExecuTorchRuntime.load(
+                    tmp_path / artifact.path,
+                    method=artifact.method,
+                    input_names=component.input_names,
+                    output_names=component.output_names,
+                )
+                got, want = session.run(inputs[name]), eager_outputs(component, inputs[name])
+                for output, value in want.items():
+                    if output == "kept_indices" or value.dtype.kind in "iu":
+                        np.testing.assert_array_equal(got[output], value, err_msg=f"{method} {name} {output}")
+                    else:
+                        np.testing.assert_allclose(
+                            got[output], value, rtol=tolerance.rtol, atol=tolerance.atol,
+                            err_msg=f"{method} {name} {output}",
+                        )  # fmt: skip
+
+
+def test_tiny_clip_cli_export_verify_and_fp16(tmp_path: Path) -> None:
+    out = tmp_path / "clip"
+    args = ["--method", "divprune", "--keep", "16", "--target", "executorch", "--dtype", "fp16", "--samples", "2"]
+    assert main(["export", "zoo:tiny-clip", "--output", str(out), *args]) == 0
+    manifest = json.loads((out / "tpc.json").read_text())
+    assert manifest["components"][0]["method"] == "forward" and manifest["dtype"] == "fp16"
+    assert manifest["verification"]["passed"] is True
+    assert main(["verify", str(out), "--samples", "2"]) == 0
+
+
+def test_target_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    code = main(["export", "zoo:tiny-clip", "--method", "random", "--keep", "8", "--output", str(tmp_path / "o"),
+                 "--bundle"])  # fmt: skip
+    assert code == 2 and "--bundle applies to --target executorch" in capsys.readouterr().err
+    code = main(["export", "zoo:tiny-clip", "--method", "random", "--keep", "8", "--output", str(tmp_path / "o"),
+                 "--target", "executorch", "--compute-units", "all"])  # fmt: skip
+    assert code == 2 and "option 'compute_units' does not apply to target 'executorch'" in capsys.readouterr().err
+
+
+def test_a_missing_target_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from tpc.errors import UsageError
+    from tpc.exporter import get_target
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "executorch" else real(name))
+    with pytest.raises(UsageError, match=r"pip install 'tpc\[executorch\]' -c constraints.txt"):
+        get_target("executorch").check_installed()

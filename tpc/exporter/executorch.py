@@ -1,0 +1,111 @@
+"""ExecuTorch target: torch.export -> tpc op lowering -> to_edge_transform_and_lower(XNNPACK) -> one `.pte`.
+
+All of a model's components go into one program as separate methods (an encoder's graph is `forward`, the
+method `executor_runner` runs by default; a VLM's are `vision`, `prefill`, `decode`; a policy's `warmup` and
+`pruned`), as optimum-executorch packs VLMs: one file to ship, loaded once, with its weights in one place.
+
+The select op is lowered to ATen before partitioning (`lower_tpc_ops`: float64 ranking key -> TopK -> ascending
+TopK -> index_select). XNNPACK has no kernel for any of these, so they run as portable kernels between two
+delegate islands; the lowering keeps them contiguous, which costs exactly one island boundary per select op.
+`docs/executorch.md` has the measurement, and each component's `delegation` facts in tpc.json report it.
+The ExecuTorch runtime has no sort kernel, which is why the ascending re-order is a TopK.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tpc.exporter.base import Artifact, ExportPart, Target
+from tpc.exporter.delegation import capture_reasons, delegation_report
+from tpc.passes.graph import lower_tpc_ops
+from tpc.pipeline import SINGLE
+
+PROGRAM_FILE = "model.pte"
+SINGLE_METHOD = "forward"  # executor_runner and the benchmark apps run `forward` unless told otherwise
+BACKEND = "XnnpackBackend"
+
+
+def method_name(component: str) -> str:
+    """An encoder's one graph is `forward`; a VLM's or a policy's components keep their names."""
+    return SINGLE_METHOD if component == SINGLE else component
+
+
+def exported_program(part: ExportPart) -> torch.export.ExportedProgram:
+    with torch.inference_mode(False), torch.no_grad():
+        program = torch.export.export(part.module, args=tuple(part.inputs.values()), strict=False)
+    return lower_tpc_ops(program)
+
+
+def lower(programs: dict[str, torch.export.ExportedProgram]) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """Edge-lower and XNNPACK-partition every method; returns the program manager and each method's report."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    with capture_reasons() as log, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        edge = to_edge_transform_and_lower(
+            programs,
+            partitioner=[XnnpackPartitioner()],
+            # tpc's graphs are checked for static shapes by their own contract; the edge IR validator rejects
+            # ops (e.g. the float64 ranking key's full_like) that the portable kernels run fine
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        )
+    reports = {
+        name: delegation_report(edge.exported_program(name).graph_module, log.reasons, BACKEND).to_dict()
+        for name in programs
+    }
+    return edge, reports
+
+
+class ExecuTorchTarget(Target):
+    name = "executorch"
+    suffix = ".pte"
+    extra = "executorch"
+    requires = ("executorch",)
+    runtime = "executorch"
+
+    def export(
+        self, module: nn.Module, inputs: dict[str, Tensor], output_names: tuple[str, ...], path: Path
+    ) -> dict[str, Any]:
+        """One graph as the `forward` method of the program at `path`."""
+        _, facts = self.write_program({SINGLE_METHOD: ExportPart(module, inputs, output_names)}, path)
+        return {**facts[SINGLE_METHOD], "versions": self.versions()}
+
+    def export_components(self, parts: dict[str, ExportPart], directory: Path, root: Path) -> dict[str, Artifact]:
+        methods = {method_name(name): part for name, part in parts.items()}
+        path = directory / PROGRAM_FILE
+        _, facts = self.write_program(methods, path)
+        relative = str(path.relative_to(root))
+        artifacts = {}
+        for name in parts:
+            method = method_name(name)
+            artifacts[name] = Artifact(relative, method, {**facts[method], "versions": self.versions()})
+        return artifacts
+
+    def write_program(self, methods: dict[str, ExportPart], path: Path) -> tuple[Any, dict[str, dict[str, Any]]]:
+        programs = {name: exported_program(part) for name, part in methods.items()}
+        edge, reports = lower(programs)
+        program = edge.to_executorch()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(program.buffer)
+        facts = {
+            name: {
+                "program": path.name,
+                "method": name,
+                "program_bytes": len(program.buffer),
+                "delegation": reports[name],
+            }
+            for name in methods
+        }
+        return program, facts
+
+    @staticmethod
+    def versions() -> dict[str, str]:
+        from importlib.metadata import version
+
+        return {"executorch": version("executorch")}
