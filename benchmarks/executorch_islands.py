@@ -33,8 +33,8 @@ from tpc.ops.select import ascending, ranking_key, select_tokens_decomposition
 from tpc.pipeline import PruneRequest, build
 
 CASES = {
-    "zoo:tiny-clip": ["none", "hiprune", "fastv", "divprune", "random"],
-    "zoo:tiny-siglip": ["none", "hiprune", "fastv", "divprune", "random"],
+    "zoo:tiny-clip": ["none", "hiprune", "divprune", "random"],
+    "zoo:tiny-siglip": ["none", "hiprune", "divprune", "random"],
     "zoo:tiny-llava": ["none", "hiprune", "fastv", "divprune", "random"],
 }
 OUT = Path(__file__).resolve().parent / "results" / "executorch_islands.json"

@@ -39,7 +39,7 @@ CASES = [
         "--keep 4 with method hiprune: alpha=1.0 gives 1 anchor(s)",
     ),
     (["--method", "hiprune", "--keep", "8", "--dtype", "int8"], "unknown dtype 'int8'"),
-    (["--method", "hiprune", "--keep", "8", "--target", "executorch"], "target 'executorch' is not available"),
+    (["--method", "hiprune", "--keep", "8", "--target", "tensorrt"], "target 'tensorrt' is not available"),
     (
         ["--method", "hiprune", "--keep", "8", "--prompt-len", "32"],
         "--prompt-len and --max-new-tokens apply to VLM models",

@@ -23,6 +23,7 @@ from tpc.errors import RuntimeUnavailable, UsageError
 from tpc.exporter import ExportPart, get_target, runtime_for
 from tpc.exporter.bundle import write_bundle
 from tpc.exporter.manifest import ComponentSpec, Manifest, TensorSpec, write_samples
+from tpc.models_zoo import resolve
 from tpc.pipeline import Pruned, PruneRequest, as_arrays, build
 from tpc.progress import Step, silent
 from tpc.runtimes import RUNTIMES
@@ -169,6 +170,7 @@ def export(
         raise UsageError(f"--bundle applies to --target executorch (an ExecuTorch benchmark bundle), not '{target}'")
     _check_output(output, force)
     with step(f"load {request.model} and insert {request.method} prune point"):
+        exporter.check_supports(resolve(request.model).adapter.kind)
         pruned = build(request)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tpc-", dir=output.parent))

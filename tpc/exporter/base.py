@@ -38,6 +38,11 @@ class Target(ABC):
     requires: ClassVar[tuple[str, ...]]  # importable modules the target needs
     runtime: ClassVar[str]  # name in tpc.runtimes.RUNTIMES that runs the artifact
     options: ClassVar[dict[str, str]] = {}  # target option -> what it means (the CLI's --compute-units, ...)
+    unsupported: ClassVar[dict[str, str]] = {}  # model kind (adapter.kind) -> why this target cannot take it
+
+    def check_supports(self, kind: str) -> None:
+        if kind in self.unsupported:
+            raise UsageError(self.unsupported[kind])
 
     def check_installed(self) -> None:
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
