@@ -5,8 +5,8 @@ them, and the delegation report counts islands (delegate calls), portable runs b
 hold a select op's TopK. `none` is the unpruned baseline: its islands come from the model alone. Then, on the
 same graphs, the select op is lowered three ways:
 
-    index_select (tpc's): float64 key -> TopK -> ascending TopK -> flat index_select
-    gather:               ... -> torch.gather with the indices expanded over D
+    index_select: float64 key -> TopK -> ascending TopK -> reshape + flat index_select (ONNX's lowering)
+    gather:       ... -> torch.gather with the indices expanded over D (tpc's ExecuTorch lowering)
     one_hot_bmm:          ... -> one-hot (K, N) matrix @ tokens, so that XNNPACK can run the gather as a bmm
 
 XNNPACK has no TopK, so every lowering needs at least one portable run per select; the question is whether
@@ -29,7 +29,7 @@ from machine import machine
 
 from tpc.exporter.base import ExportPart
 from tpc.exporter.executorch import lower
-from tpc.ops.select import ascending, ranking_key, select_tokens_decomposition
+from tpc.ops.select import kept_indices, select_tokens_decomposition, select_tokens_gather_decomposition
 from tpc.pipeline import PruneRequest, build
 
 CASES = {
@@ -40,23 +40,18 @@ CASES = {
 OUT = Path(__file__).resolve().parent / "results" / "executorch_islands.json"
 
 
-def _best(scores: torch.Tensor, k: int) -> torch.Tensor:
-    return ascending(torch.topk(ranking_key(scores), k, dim=-1).indices)
-
-
-def by_gather(scores: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    indices = _best(scores, k)
-    return indices, torch.gather(tokens, 1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-
-
 def by_one_hot_bmm(scores: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    indices = _best(scores, k)
+    indices = kept_indices(scores, k)
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     one_hot = (indices.unsqueeze(-1) == positions).to(tokens.dtype)
     return indices, torch.bmm(one_hot, tokens)
 
 
-LOWERINGS = {"index_select": select_tokens_decomposition, "gather": by_gather, "one_hot_bmm": by_one_hot_bmm}
+LOWERINGS = {
+    "index_select": select_tokens_decomposition,  # ONNX's flat gather
+    "gather": select_tokens_gather_decomposition,  # tpc's ExecuTorch lowering
+    "one_hot_bmm": by_one_hot_bmm,
+}
 
 
 def programs(model: str, method: str, lowering: str) -> dict[str, torch.export.ExportedProgram]:

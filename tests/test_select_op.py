@@ -125,3 +125,40 @@ def test_half_precision_ties_follow_the_rule() -> None:
     scores = torch.tensor([[1.0, 1.0, 2.0, float("nan"), 2.0, float("-inf")]], dtype=torch.bfloat16)
     indices, _ = select_tokens(scores, torch.zeros(1, 6, 1), 4)
     assert indices.tolist() == [[0, 1, 2, 4]]
+
+
+@pytest.fixture(scope="module")
+def executorch_select(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int, int], object]:
+    """The op lowered as `--target executorch` lowers it (gather form, XNNPACK partitioner), one method per shape."""
+    from tpc.exporter.base import ExportPart
+    from tpc.exporter.executorch import ExecuTorchTarget
+    from tpc.runtimes.executorch import ExecuTorchRuntime
+
+    where = tmp_path_factory.mktemp("select_et")
+    parts = {
+        f"s{batch}_{tokens}_{k}": ExportPart(
+            _Select(k), {"scores": torch.randn(batch, tokens), "tokens": torch.randn(batch, tokens, 4)},
+            ("kept_indices", "kept_tokens"),
+        )
+        for batch, tokens, k in SHAPES
+    }  # fmt: skip
+    artifacts = ExecuTorchTarget().export_components(parts, where, where)
+    return {
+        shape: ExecuTorchRuntime.load(
+            where / artifacts[name].path, method=name, input_names=["scores", "tokens"],
+            output_names=["kept_indices", "kept_tokens"],
+        )
+        for shape, name in zip(SHAPES, parts, strict=True)
+    }  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_executorch_runtime_matches_stable_sort_reference(executorch_select: dict, data: st.DataObject) -> None:
+    batch, tokens, k = data.draw(st.sampled_from(SHAPES))
+    scores = data.draw(score_arrays(batch, tokens))
+    features = np.random.default_rng(0).standard_normal((batch, tokens, 4)).astype(np.float32)
+    out = executorch_select[(batch, tokens, k)].run({"scores": scores, "tokens": features})
+    expected = stable_sort_reference(scores, k)
+    np.testing.assert_array_equal(out["kept_indices"], expected)
+    np.testing.assert_array_equal(out["kept_tokens"], np.take_along_axis(features, expected[..., None], axis=1))

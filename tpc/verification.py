@@ -356,14 +356,14 @@ def verify(
     if samples < 1:
         raise UsageError(f"--samples must be at least 1, got {samples}")
     runtime = runtime_for(manifest.target)
-    if pruned is None:
-        with step("load eager model"):
-            pruned = build(request_from_manifest(manifest))
-    sessions = {}
+    sessions = {}  # opened first: a runtime that cannot run here says so before any model is loaded
     for spec in manifest.components:
         selects = any(o.name == FORCED_INPUT for o in spec.outputs)
         forced = open_component(runtime, directory, spec, teacher_forced=True) if selects else None
         sessions[spec.name] = (open_component(runtime, directory, spec), forced)
+    if pruned is None:
+        with step("load eager model"):
+            pruned = build(request_from_manifest(manifest))
     seeds = [manifest.sample_seed + i for i in range(samples)]
     if inputs_file is not None:
         sample_inputs = [_sample_inputs(pruned, _load_user_inputs(Path(inputs_file), _entry_specs(manifest)))]

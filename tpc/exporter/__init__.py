@@ -6,11 +6,12 @@ from typing import Any
 
 from tpc.errors import UsageError, unknown_name
 from tpc.exporter.base import Artifact, ExportPart, Target
+from tpc.exporter.coreml import CoreMLTarget
 from tpc.exporter.executorch import ExecuTorchTarget
 from tpc.exporter.onnx import OnnxTarget
 from tpc.runtimes import RUNTIMES, Runtime
 
-TARGETS: dict[str, type[Target]] = {t.name: t for t in (OnnxTarget, ExecuTorchTarget)}
+TARGETS: dict[str, type[Target]] = {t.name: t for t in (OnnxTarget, ExecuTorchTarget, CoreMLTarget)}
 # Named in the product's CLI, not built yet: saying so beats "unknown target".
 PLANNED_TARGETS = ("tensorrt",)
 

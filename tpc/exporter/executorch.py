@@ -5,8 +5,9 @@ method `executor_runner` runs by default; a VLM's are `vision`, `prefill`, `deco
 `pruned`), as optimum-executorch packs VLMs: one file to ship, loaded once, with its weights in one place.
 
 The select op is lowered to ATen before partitioning (`lower_tpc_ops`: float64 ranking key -> TopK -> ascending
-TopK -> index_select). XNNPACK has no kernel for any of these, so they run as portable kernels between two
-delegate islands; the lowering keeps them contiguous, which costs exactly one island boundary per select op.
+TopK -> gather). XNNPACK has no kernel for any of these, so they run as portable kernels between two delegate
+islands; this lowering keeps them in one portable run. ONNX's flat gather (reshape + index_select) would cost
+one more island per select here, because XNNPACK takes the float reshape as an island of its own.
 `docs/executorch.md` has the measurement, and each component's `delegation` facts in tpc.json report it.
 The ExecuTorch runtime has no sort kernel, which is why the ascending re-order is a TopK.
 """
@@ -38,7 +39,7 @@ def method_name(component: str) -> str:
 def exported_program(part: ExportPart) -> torch.export.ExportedProgram:
     with torch.inference_mode(False), torch.no_grad():
         program = torch.export.export(part.module, args=tuple(part.inputs.values()), strict=False)
-    return lower_tpc_ops(program)
+    return lower_tpc_ops(program, gather="gather")
 
 
 def lower(programs: dict[str, torch.export.ExportedProgram]) -> tuple[Any, dict[str, dict[str, Any]]]:

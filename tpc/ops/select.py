@@ -80,12 +80,51 @@ def _select_tokens_fake(scores: Tensor, tokens: Tensor, k: int) -> tuple[Tensor,
     return indices, tokens.new_empty((tokens.shape[0], k, tokens.shape[2]))
 
 
+def kept_indices(scores: Tensor, k: int) -> Tensor:
+    """TopK on the ranking key (ties -> lower index, as ONNX specifies and ExecuTorch's kernel does), ascending."""
+    return ascending(torch.topk(ranking_key(scores), k, dim=-1, largest=True, sorted=True).indices)
+
+
+def tie_free_kept_indices(scores: Tensor, k: int) -> Tensor:
+    """`kept_indices` for runtimes whose TopK breaks ties in no documented order (ExecuTorch's portable kernel
+    returns [3, 4, 5] for the top 3 of seven zeros). The K-th largest key does not depend on tie order; every
+    token above it gets priority N + (N - i), every token equal to it N - i, the rest 0. The priorities of the
+    tokens the rule keeps are distinct and above all others, so any TopK over them picks the same set."""
+    key = ranking_key(scores)
+    n = key.shape[-1]
+    threshold = torch.topk(key, k, dim=-1, largest=True, sorted=True).values[:, k - 1 : k]
+    earlier_first = n - torch.arange(n, device=key.device)  # n .. 1: the lower index ranks higher
+    priority = torch.where(
+        key > threshold,
+        earlier_first + n,
+        torch.where(key == threshold, earlier_first, torch.zeros_like(earlier_first)),
+    )
+    return ascending(torch.topk(priority, k, dim=-1, largest=True, sorted=True).indices)
+
+
+def gather_rows(tokens: Tensor, indices: Tensor) -> Tensor:
+    """tokens (B, N, D) at indices (B, K) -> (B, K, D) by `gather` on dim 1: the float tokens are not reshaped."""
+    return torch.gather(tokens, 1, indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
 def select_tokens_decomposition(scores: Tensor, tokens: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The op in ATen terms for export: TopK (ties -> lower index, as ONNX specifies) + ascending TopK + Gather."""
+    """The op in ATen terms for ONNX: TopK + ascending TopK + one flat Gather (axis 0)."""
     check_select_args(scores, tokens, k)
-    best = torch.topk(ranking_key(scores), k, dim=-1, largest=True, sorted=True).indices
-    indices = ascending(best)
+    indices = kept_indices(scores, k)
     return indices, gather_tokens(tokens, indices)
+
+
+def select_tokens_gather_decomposition(scores: Tensor, tokens: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The op for ExecuTorch: tie-free TopK (see `tie_free_kept_indices`) + ascending TopK + `gather`. The flat
+    form reshapes the float tokens first, and XNNPACK takes that reshape as an island of its own between
+    portable kernels (one more island per select, measured in benchmarks/executorch_islands.py); here every op
+    of the select stays in one portable run."""
+    check_select_args(scores, tokens, k)
+    indices = tie_free_kept_indices(scores, k)
+    return indices, gather_rows(tokens, indices)
+
+
+GATHER_LOWERINGS = {"flat": select_tokens_decomposition, "gather": select_tokens_gather_decomposition}
 
 
 def select_indices(scores: Tensor, k: int) -> Tensor:
@@ -93,6 +132,7 @@ def select_indices(scores: Tensor, k: int) -> Tensor:
     return select_tokens(scores, scores.unsqueeze(-1), k)[0]
 
 
-def decompositions() -> dict:
-    """Decomposition table that `ExportedProgram.run_decompositions` takes to lower tpc's ops to ATen."""
-    return {torch.ops.tpc.select_tokens.default: select_tokens_decomposition}
+def decompositions(gather: str = "flat") -> dict:
+    """Decomposition table that `ExportedProgram.run_decompositions` takes to lower tpc's ops to ATen; `gather`
+    picks how the kept tokens are gathered (`flat` for ONNX, `gather` for ExecuTorch)."""
+    return {torch.ops.tpc.select_tokens.default: GATHER_LOWERINGS[gather]}

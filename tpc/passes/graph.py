@@ -7,9 +7,10 @@ from torch.export import ExportedProgram
 from tpc.ops import decompositions
 
 
-def lower_tpc_ops(program: ExportedProgram) -> ExportedProgram:
+def lower_tpc_ops(program: ExportedProgram, gather: str = "flat") -> ExportedProgram:
     """Replace tpc's custom ops by their ATen decompositions (TopK + ascending TopK + Gather; no sort).
 
-    Targets without a dedicated kernel for the op (ONNX Runtime, ExecuTorch portable kernels) run this.
+    Targets without a dedicated kernel for the op (ONNX Runtime, ExecuTorch portable kernels) run this;
+    `gather`: `flat` (ONNX's one Gather on axis 0) or `gather` (ExecuTorch: no reshape between XNNPACK islands).
     """
-    return program.run_decompositions(decompositions())
+    return program.run_decompositions(decompositions(gather))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from tpc.runtimes.base import Runtime
+from tpc.runtimes.coreml import CoreMLRuntime
 from tpc.runtimes.executorch import ExecuTorchRuntime
 from tpc.runtimes.generation import VLM, GenerationLoop
 from tpc.runtimes.onnxruntime import OnnxRuntime
 
-RUNTIMES: dict[str, type[Runtime]] = {r.name: r for r in (OnnxRuntime, ExecuTorchRuntime)}
+RUNTIMES: dict[str, type[Runtime]] = {r.name: r for r in (OnnxRuntime, ExecuTorchRuntime, CoreMLRuntime)}
 
-__all__ = ["RUNTIMES", "VLM", "ExecuTorchRuntime", "GenerationLoop", "OnnxRuntime", "Runtime"]
+__all__ = ["RUNTIMES", "VLM", "CoreMLRuntime", "ExecuTorchRuntime", "GenerationLoop", "OnnxRuntime", "Runtime"]
