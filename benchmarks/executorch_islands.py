@@ -27,7 +27,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine
 
-from tpc.exporter.base import ExportPart
+from tpc.exporter.base import export_program
 from tpc.exporter.executorch import lower
 from tpc.ops.select import kept_indices, select_tokens_decomposition, select_tokens_gather_decomposition
 from tpc.pipeline import PruneRequest, build
@@ -62,10 +62,7 @@ def programs(model: str, method: str, lowering: str) -> dict[str, torch.export.E
     for name, component in pruned.components.items():
         if name == "decode":
             continue  # no select, same graph for every method
-        part = ExportPart(component.module, samples[name], component.output_names)
-        with torch.no_grad():
-            program = torch.export.export(part.module, args=tuple(part.inputs.values()), strict=False)
-        out[name] = program.run_decompositions(table)
+        out[name] = export_program(component.module, samples[name]).run_decompositions(table)
     return out
 
 

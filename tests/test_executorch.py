@@ -21,6 +21,7 @@ from tpc.cli import main
 from tpc.exporter.base import ExportPart
 from tpc.exporter.executorch import ExecuTorchTarget
 from tpc.pipeline import PruneRequest, as_arrays, build
+from tpc.runtimes.base import Entry
 from tpc.runtimes.executorch import ExecuTorchRuntime
 from tpc.verification import TOLERANCES, eager_outputs
 
@@ -118,8 +119,9 @@ def test_onnx_and_executorch_keep_the_same_tokens(llava_pte: Path, exported: Cal
 
     onnx_dir = exported("zoo:tiny-llava", "hiprune", 64)
     pruned = build(PruneRequest("zoo:tiny-llava", "hiprune", 64))
-    et = ExecuTorchRuntime.load(llava_pte / "model.pte", method="vision", input_names=["pixel_values"],
-                                output_names=["image_embeds", "kept_indices"])  # fmt: skip
+    et = ExecuTorchRuntime.load(
+        llava_pte / "model.pte", Entry("vision", ("pixel_values",), ("image_embeds", "kept_indices"))
+    )
     ort = OnnxRuntime.load(onnx_dir / "vision.onnx")
     for seed in range(4):
         pixels = as_arrays(pruned.samples(seed))["vision"]
@@ -207,12 +209,8 @@ def test_every_method_lowers_runs_and_matches_eager(model: str, tmp_path: Path) 
             for name, component in pruned.components.items():
                 artifact = artifacts[f"{method}__{name}"]
                 assert artifact.graph["delegation"]["islands"] >= 1
-                session = ExecuTorchRuntime.load(
-                    tmp_path / artifact.path,
-                    method=artifact.method,
-                    input_names=component.input_names,
-                    output_names=component.output_names,
-                )
+                entry = Entry(artifact.method, component.input_names, component.output_names)
+                session = ExecuTorchRuntime.load(tmp_path / artifact.path, entry)
                 got, want = session.run(inputs[name]), eager_outputs(component, inputs[name])
                 for output, value in want.items():
                     if output == "kept_indices" or value.dtype.kind in "iu":

@@ -132,6 +132,7 @@ def executorch_select(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[in
     """The op lowered as `--target executorch` lowers it (gather form, XNNPACK partitioner), one method per shape."""
     from tpc.exporter.base import ExportPart
     from tpc.exporter.executorch import ExecuTorchTarget
+    from tpc.runtimes.base import Entry
     from tpc.runtimes.executorch import ExecuTorchRuntime
 
     where = tmp_path_factory.mktemp("select_et")
@@ -145,8 +146,7 @@ def executorch_select(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[in
     artifacts = ExecuTorchTarget().export_components(parts, where, where)
     return {
         shape: ExecuTorchRuntime.load(
-            where / artifacts[name].path, method=name, input_names=["scores", "tokens"],
-            output_names=["kept_indices", "kept_tokens"],
+            where / artifacts[name].path, Entry(name, ("scores", "tokens"), ("kept_indices", "kept_tokens"))
         )
         for shape, name in zip(SHAPES, parts, strict=True)
     }  # fmt: skip

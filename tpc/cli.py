@@ -222,6 +222,7 @@ def verify(
     """Run the export in its runtime and compare with eager PyTorch; exit 1 if they differ."""
     from tpc.errors import RuntimeUnavailable
     from tpc.progress import rich_steps
+    from tpc.verification import skipped_verification
     from tpc.verification import verify as run_verify
 
     try:
@@ -230,7 +231,7 @@ def verify(
         if not allow_skip:
             raise
         out.print(f"[yellow]SKIPPED[/yellow] {unavailable}", soft_wrap=True)
-        _write_json(json_path, {"passed": None, "skipped": str(unavailable)})
+        _write_json(json_path, skipped_verification(str(unavailable)))
         return
     _render_verify(report)
     _write_json(json_path, report.to_dict())

@@ -23,14 +23,14 @@ from tpc.errors import RuntimeUnavailable, UsageError
 from tpc.exporter import ExportPart, get_target, runtime_for
 from tpc.exporter.bundle import write_bundle
 from tpc.exporter.manifest import ComponentSpec, Manifest, TensorSpec, write_samples
-from tpc.models_zoo import resolve
 from tpc.pipeline import Pruned, PruneRequest, as_arrays, build
 from tpc.progress import Step, silent
 from tpc.runtimes import RUNTIMES
-from tpc.runtimes.base import FORCED_INPUT
+from tpc.runtimes.base import KEPT_INDICES
 from tpc.verification import (
     VerifyReport,
     eager_outputs,
+    skipped_verification,
     verify,
     write_episode_sample,
     write_generation_sample,
@@ -69,17 +69,17 @@ class TeacherForced(nn.Module):
         return self.module(*inputs, forced_indices=kept_indices)
 
 
-def teacher_forced_parts(pruned: Pruned, first_inputs: dict[str, dict]) -> dict[str, ExportPart]:
+def teacher_forced_parts(pruned: Pruned, inputs: dict[str, dict], expected: dict[str, dict]) -> dict[str, ExportPart]:
     """The components that select tokens, as teacher-forced graphs fed the eager kept indices."""
-    parts = {}
-    for name, component in pruned.components.items():
-        if FORCED_INPUT not in component.output_names:
-            continue
-        inputs = first_inputs[name]
-        kept = eager_outputs(component, inputs)[FORCED_INPUT]
-        tensors = _tensors({**inputs, FORCED_INPUT: kept})
-        parts[name] = ExportPart(TeacherForced(component.module), tensors, component.output_names)
-    return parts
+    return {
+        name: ExportPart(
+            TeacherForced(component.module),
+            _tensors({**inputs[name], KEPT_INDICES: expected[name][KEPT_INDICES]}),
+            component.output_names,
+        )
+        for name, component in pruned.components.items()
+        if KEPT_INDICES in component.output_names
+    }
 
 
 def _tensors(arrays: dict) -> dict[str, torch.Tensor]:
@@ -170,36 +170,37 @@ def export(
         raise UsageError(f"--bundle applies to --target executorch (an ExecuTorch benchmark bundle), not '{target}'")
     _check_output(output, force)
     with step(f"load {request.model} and insert {request.method} prune point"):
-        exporter.check_supports(resolve(request.model).adapter.kind)
         pruned = build(request)
+    exporter.check_supports(pruned.source.adapter.kind)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tpc-", dir=output.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
     try:
         first_inputs = as_arrays(pruned.samples(seed=0))
+        expected = {name: eager_outputs(c, first_inputs[name]) for name, c in pruned.components.items()}
         parts = {
             name: ExportPart(component.module, _tensors(first_inputs[name]), component.output_names)
             for name, component in pruned.components.items()
         }
         with step(f"export {', '.join(parts)} to {target}"):
             artifacts = exporter.export_components(parts, staging, staging)
-        forced_parts = {} if RUNTIMES[exporter.runtime].cuts_outputs else teacher_forced_parts(pruned, first_inputs)
+        cuts = RUNTIMES[exporter.runtime].cuts_outputs
+        forced_parts = {} if cuts else teacher_forced_parts(pruned, first_inputs, expected)
         forced = {}
         if forced_parts:
             with step(f"export teacher-forced {', '.join(forced_parts)} (verification only)"):
                 forced = exporter.export_components(forced_parts, staging / TEACHER_FORCED_DIR, staging)
         specs, versions = [], {}
-        for name, component in pruned.components.items():
-            inputs, artifact = first_inputs[name], artifacts[name]
+        for name, artifact in artifacts.items():
+            inputs, outputs = first_inputs[name], expected[name]
             versions.update(artifact.graph.pop("versions", {}))
-            expected = eager_outputs(component, inputs)
-            write_samples(staging, name, inputs, expected)
+            write_samples(staging, name, inputs, outputs)
             specs.append(
                 ComponentSpec(
                     name,
                     artifact.path,
                     [TensorSpec.of(n, a) for n, a in inputs.items()],
-                    [TensorSpec.of(n, a) for n, a in expected.items()],
+                    [TensorSpec.of(n, a) for n, a in outputs.items()],
                     artifact.graph,
                     method=artifact.method,
                     teacher_forced=forced[name].path if name in forced else None,
@@ -220,7 +221,7 @@ def export(
                 report = verify(staging, samples=samples, pruned=pruned, step=step)
             except RuntimeUnavailable as unavailable:
                 skipped = str(unavailable)
-                manifest.verification = {"passed": None, "skipped": skipped}
+                manifest.verification = skipped_verification(skipped)
             else:
                 manifest.verification = report.to_dict()
             manifest.write(staging)

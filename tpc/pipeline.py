@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from tpc.errors import UsageError
 from tpc.methods import REGISTRY, Method, VisionMethod, get_method
-from tpc.models_zoo import Adapter, ModelSource, resolve
+from tpc.models_zoo import Adapter, DecoderGeometry, ModelSource, PromptLayout, resolve
 from tpc.passes.prune_vision import INPUT_NAMES, OUTPUT_NAMES, PrunedVisionEncoder, VisionCut
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -147,6 +147,26 @@ def check_budget(method: Method, keep: int, params: dict[str, Any]) -> None:
         method.check_budget(keep, params)
     except ValueError as error:
         raise UsageError(f"--keep {keep} with method {method.name}: {error}") from None
+
+
+@dataclass(frozen=True)
+class DecoderPlan:
+    """What a VLM plan and a policy plan share: a validated request on a decoder with a static prompt."""
+
+    request: PruneRequest
+    source: ModelSource
+    method: Any  # VisionMethod | PrefillMethod for a VLM; PrefillMethod or `none` for a policy
+    keep: int  # image tokens the decoder keeps (a policy: from the prune layer on, in pruned steps)
+    method_params: dict[str, Any]
+    prompt: PromptLayout
+
+    @property
+    def adapter(self) -> Any:  # the family's adapter (LlavaAdapter, OpenVlaAdapter)
+        return self.source.adapter
+
+    @property
+    def decoder(self) -> DecoderGeometry:
+        return self.adapter.decoder(self.source.config)
 
 
 @dataclass(frozen=True)

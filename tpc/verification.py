@@ -37,7 +37,7 @@ from tpc.exporter.manifest import (
 from tpc.pipeline import SINGLE, Component, Pruned, PruneRequest, as_arrays, build, seeded_pixels
 from tpc.progress import Step, silent
 from tpc.runtimes import Runtime
-from tpc.runtimes.base import FORCED_INPUT, open_component
+from tpc.runtimes.base import KEPT_INDICES, open_component
 from tpc.runtimes.generation import GenerationLoop, prefill_ids
 
 
@@ -127,6 +127,11 @@ class VerifyReport:
             if getattr(self, name) is not None:
                 data[name]["passed"] = getattr(self, name).passed
         return data
+
+
+def skipped_verification(reason: str) -> dict[str, Any]:
+    """What tpc.json and `verify --json` record when the runtime cannot run on this machine."""
+    return {"passed": None, "skipped": reason}
 
 
 def request_from_manifest(manifest: Manifest) -> PruneRequest:
@@ -287,13 +292,13 @@ def _check_component(
     want = eager_outputs(component, inputs)
     got = exported.run(inputs)
     rows_equal = np.ones(1, dtype=bool)
-    if FORCED_INPUT in want:
-        rows_equal = np.all(got[FORCED_INPUT] == want[FORCED_INPUT], axis=-1)
+    if KEPT_INDICES in want:
+        rows_equal = np.all(got[KEPT_INDICES] == want[KEPT_INDICES], axis=-1)
         report.kept_rows += rows_equal.size
         report.kept_rows_agreeing += int(rows_equal.sum())
-    teacher = forced.run({**inputs, FORCED_INPUT: want[FORCED_INPUT]}) if forced is not None else None
+    teacher = forced.run({**inputs, KEPT_INDICES: want[KEPT_INDICES]}) if forced is not None else None
     for name in component.output_names:
-        if name == FORCED_INPUT:
+        if name == KEPT_INDICES:
             continue
         key = f"{label}{name}"
         if teacher is not None:
@@ -358,7 +363,7 @@ def verify(
     runtime = runtime_for(manifest.target)
     sessions = {}  # opened first: a runtime that cannot run here says so before any model is loaded
     for spec in manifest.components:
-        selects = any(o.name == FORCED_INPUT for o in spec.outputs)
+        selects = any(o.name == KEPT_INDICES for o in spec.outputs)
         forced = open_component(runtime, directory, spec, teacher_forced=True) if selects else None
         sessions[spec.name] = (open_component(runtime, directory, spec), forced)
     if pruned is None:

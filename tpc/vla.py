@@ -18,12 +18,13 @@ from torch import Tensor
 
 from tpc.errors import UsageError
 from tpc.methods import PrefillMethod, get_method
-from tpc.models_zoo import DecoderGeometry, ModelSource, OpenVlaAdapter, PromptLayout
+from tpc.models_zoo import ModelSource, OpenVlaAdapter
 from tpc.models_zoo.openvla import EMPTY_TOKEN_ID, PROMPT_TEMPLATE, TOWER_NORMALIZATION, PolicyGeometry, action_stats
 from tpc.passes.policy_step import PolicyStep, StepLayout
 from tpc.pipeline import (
     DTYPES,
     Component,
+    DecoderPlan,
     Pruned,
     PruneRequest,
     check_budget,
@@ -35,24 +36,10 @@ from tpc.runtimes.policy import PRUNED, STEP, WARMUP, Policy, preprocess
 
 
 @dataclass(frozen=True)
-class VlaPlan:
+class VlaPlan(DecoderPlan):
     """A validated policy request: method, budget, the static prompt, the action head."""
 
-    request: PruneRequest
-    source: ModelSource
-    method: Any  # PrefillMethod, or `none`
-    keep: int  # image tokens the decoder keeps from the prune layer on (pruned steps)
-    method_params: dict[str, Any]
-    prompt: PromptLayout
     unnorm_key: str | None
-
-    @property
-    def adapter(self) -> OpenVlaAdapter:
-        return self.source.adapter
-
-    @property
-    def decoder(self) -> DecoderGeometry:
-        return self.adapter.decoder(self.source.config)
 
     @property
     def geometry(self) -> PolicyGeometry:

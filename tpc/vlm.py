@@ -18,12 +18,13 @@ from torch import Tensor
 from tpc.errors import UsageError
 from tpc.methods import PrefillMethod, VisionMethod, get_method
 from tpc.methods import none as no_pruning
-from tpc.models_zoo import DecoderGeometry, LlavaAdapter, ModelSource, PromptLayout
+from tpc.models_zoo import LlavaAdapter, ModelSource
 from tpc.passes.prune_vision import PrunedVisionEncoder, VisionCut
 from tpc.passes.vlm_components import CacheLayout, DecodeComponent, PrefillComponent, VisionComponent
 from tpc.pipeline import (
     DTYPES,
     Component,
+    DecoderPlan,
     Pruned,
     PruneRequest,
     check_budget,
@@ -40,24 +41,10 @@ MIN_NEW_TOKENS = 8
 
 
 @dataclass(frozen=True)
-class VlmPlan:
+class VlmPlan(DecoderPlan):
     """A validated VLM request: method, budget, the static prompt and cache layout."""
 
-    request: PruneRequest
-    source: ModelSource
-    method: VisionMethod | PrefillMethod
-    keep: int  # image tokens the decoder keeps
-    method_params: dict[str, Any]
-    prompt: PromptLayout
     max_new_tokens: int
-
-    @property
-    def adapter(self) -> LlavaAdapter:
-        return self.source.adapter
-
-    @property
-    def decoder(self) -> DecoderGeometry:
-        return self.adapter.decoder(self.source.config)
 
     @property
     def params(self) -> dict[str, Any]:

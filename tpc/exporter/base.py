@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from tpc.errors import UsageError
@@ -20,6 +21,13 @@ class ExportPart:
     module: nn.Module
     inputs: dict[str, Tensor]
     output_names: tuple[str, ...]
+
+
+def export_program(module: nn.Module, inputs: dict[str, Tensor]) -> torch.export.ExportedProgram:
+    """`torch.export` as every target runs it: non-strict, no autograd, even when called under inference mode
+    (inference tensors cannot be traced)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.export.export(module, args=tuple(inputs.values()), strict=False)
 
 
 @dataclass

@@ -94,7 +94,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tpc.exporter.base import Target
+from tpc.exporter.base import Target, export_program
 from tpc.exporter.onnx import StaticShapeError
 from tpc.runtimes.coreml import (
     ARRAY_DTYPES,
@@ -544,6 +544,8 @@ def _bf16_round(graph: Any, x: Any, name: str) -> Any:
 
 
 def _operations(block: Any) -> Iterator[Any]:
+    """Every op of a block and of the blocks nested in its ops; MIL program objects and their protobuf spec
+    have the same shape (`operations`, `blocks`), so this walks both."""
     for op in block.operations:
         yield op
         for inner in op.blocks:
@@ -666,19 +668,12 @@ def _feature_facts(features: Any) -> dict[str, dict[str, Any]]:
 # --- spec editing ----------------------------------------------------------------------------------------------
 
 
-def _proto_operations(block: Any) -> Iterator[Any]:
-    for op in block.operations:
-        yield op
-        for inner in op.blocks:
-            yield from _proto_operations(inner)
-
-
 def _program_names(spec: Any) -> set[str]:
     names: set[str] = set()
     for function in spec.mlProgram.functions.values():
         names.update(value.name for value in function.inputs)
         for block in function.block_specializations.values():
-            for op in _proto_operations(block):
+            for op in _operations(block):
                 names.update(value.name for value in op.outputs)
     return names
 
@@ -697,7 +692,7 @@ def _rename(spec: Any, old: str, new: str) -> None:
                 value.name = new
         for block in function.block_specializations.values():
             block.outputs[:] = [new if name == old else name for name in block.outputs]
-            for op in _proto_operations(block):
+            for op in _operations(block):
                 for argument in op.inputs.values():
                     for binding in argument.arguments:
                         if binding.HasField("name") and binding.name == old:
@@ -714,7 +709,7 @@ def _append_identity(spec: Any, source: str, new: str) -> None:
     function = spec.mlProgram.functions["main"]
     types = {value.name: value.type for value in function.inputs}
     for block in function.block_specializations.values():
-        for op in _proto_operations(block):
+        for op in _operations(block):
             types.update({value.name: value.type for value in op.outputs})
         op = block.operations.add()
         op.type = "identity"
@@ -833,8 +828,8 @@ def trace(module: nn.Module, inputs: dict[str, Tensor]) -> tuple[torch.export.Ex
     if precision == "fp16":  # fp16 inputs stay fp16 (bfloat16 ones become fp16: Core ML has no bfloat16)
         module = Fp32Compute(copy.deepcopy(module).float())
         tensors = {k: t.half() if t.dtype == torch.bfloat16 else t for k, t in tensors.items()}
+    program = export_program(module, tensors)
     with torch.inference_mode(False), torch.no_grad():
-        program = torch.export.export(module, args=tuple(tensors.values()), strict=False)
         program = emulate_bfloat16(program.run_decompositions({}))
     return program, precision
 
@@ -886,9 +881,11 @@ class CoreMLTarget(Target):
         check_static_program(mil)
         spec = mlmodel.get_spec()
         names = name_features(spec, list(inputs), list(output_names))
-        eager_dtypes = _output_dtypes(program, output_names)
-        if precision == "fp16":  # the fp16 module's own output dtypes (LLaMA's logits are fp32), by one forward
-            eager_dtypes = _eager_output_dtypes(module, inputs, output_names)
+        eager_dtypes = (  # an fp16 module's own output dtypes (LLaMA's logits are fp32) need one forward
+            _eager_output_dtypes(module, inputs, output_names)
+            if precision == "fp16"
+            else _output_dtypes(program, output_names)
+        )
         metadata = spec.description.metadata.userDefined
         metadata[NAMES_KEY] = json.dumps(names)
         metadata[OUTPUT_DTYPES_KEY] = json.dumps(eager_dtypes)

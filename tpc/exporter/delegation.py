@@ -23,7 +23,13 @@ from typing import Any
 import torch
 from torch import fx
 
-MATMUL_OPS = frozenset({"aten.mm.default", "aten.bmm.default", "aten.addmm.default", "aten.linear.default"})
+# matrix product -> (argument holding the right-hand matrix, its axis that is contracted)
+MATMUL_INNER = {
+    "aten.mm.default": (1, 0),  # (M, K) @ (K, N)
+    "aten.addmm.default": (2, 0),  # bias + (M, K) @ (K, N)
+    "aten.bmm.default": (1, 1),  # (B, M, K) @ (B, K, N)
+    "aten.linear.default": (1, 1),  # x @ W.T, W (N, K)
+}
 CONV_OPS = frozenset({"aten.convolution.default"})
 TOPK = "aten.topk.default"
 NOT_COMPUTE = frozenset({"getitem", "executorch_call_delegate"})
@@ -46,12 +52,9 @@ def node_flops(node: fx.Node) -> int:
     if not isinstance(out, torch.Tensor):
         return 0
     kind = op_kind(node)
-    if kind in MATMUL_OPS:
-        weight = node.args[2] if kind == "aten.addmm.default" else node.args[1]
-        inner = weight.meta["val"].shape[0 if kind != "aten.linear.default" else 1]
-        if kind == "aten.bmm.default":
-            inner = weight.meta["val"].shape[1]
-        return 2 * out.numel() * int(inner)
+    if kind in MATMUL_INNER:
+        argument, axis = MATMUL_INNER[kind]
+        return 2 * out.numel() * int(node.args[argument].meta["val"].shape[axis])
     if kind in CONV_OPS:
         weight = node.args[1].meta["val"]
         return 2 * out.numel() * math.prod(weight.shape[1:])
@@ -59,7 +62,7 @@ def node_flops(node: fx.Node) -> int:
 
 
 def tensor_dtypes(node: fx.Node) -> set[str]:
-    """dtypes of a node's tensor inputs and output, e.g. {'torch.int64', 'torch.bool'}: why XNNPACK refused it."""
+    """dtypes of a node's tensor inputs and output, e.g. {'int64', 'bool'}: why XNNPACK refused it."""
     values = [arg.meta.get("val") for arg in node.all_input_nodes] + [node.meta.get("val")]
     return {str(v.dtype).removeprefix("torch.") for v in values if isinstance(v, torch.Tensor)}
 
@@ -133,16 +136,15 @@ def delegation_report(graph_module: fx.GraphModule, reasons: dict[str, str], bac
     islands = 0
     segments: list[set[str]] = [set()]  # op kinds of each portable run, split at every delegate call
     for node in graph_module.graph.nodes:
-        if node.op == "get_attr" and hasattr(getattr(graph_module, str(node.target), None), "original_module"):
+        lowered = getattr(graph_module, str(node.target), None) if node.op == "get_attr" else None
+        if hasattr(lowered, "original_module"):  # a delegate: the subgraph handed to the backend
             islands += 1
             segments.append(set())
-            inner = getattr(graph_module, str(node.target)).original_module.graph_module
-            for sub in inner.graph.nodes:
-                if sub.op == "call_function" and op_kind(sub) not in NOT_COMPUTE:
-                    ops[op_kind(sub)].delegated += 1
+            for sub in lowered.original_module.graph_module.graph.nodes:
+                if sub.op == "call_function" and (kind := op_kind(sub)) not in NOT_COMPUTE:
+                    ops[kind].delegated += 1
                     flops["delegated"] += node_flops(sub)
-        elif node.op == "call_function" and op_kind(node) not in NOT_COMPUTE:
-            kind = op_kind(node)
+        elif node.op == "call_function" and (kind := op_kind(node)) not in NOT_COMPUTE:
             ops[kind].portable += 1
             segments[-1].add(kind)
             flops["portable"] += node_flops(node)

@@ -21,10 +21,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from tpc.exporter.base import Artifact, ExportPart, Target
+from tpc.exporter.base import Artifact, ExportPart, Target, export_program
 from tpc.exporter.delegation import capture_reasons, delegation_report
 from tpc.passes.graph import lower_tpc_ops
 from tpc.pipeline import SINGLE
+from tpc.runtimes.executorch import ExecuTorchRuntime
 
 PROGRAM_FILE = "model.pte"
 SINGLE_METHOD = "forward"  # executor_runner and the benchmark apps run `forward` unless told otherwise
@@ -37,9 +38,7 @@ def method_name(component: str) -> str:
 
 
 def exported_program(part: ExportPart) -> torch.export.ExportedProgram:
-    with torch.inference_mode(False), torch.no_grad():
-        program = torch.export.export(part.module, args=tuple(part.inputs.values()), strict=False)
-    return lower_tpc_ops(program, gather="gather")
+    return lower_tpc_ops(export_program(part.module, part.inputs), gather="gather")
 
 
 def partitioner() -> Any:
@@ -90,8 +89,8 @@ class ExecuTorchTarget(Target):
     requires = ("executorch",)
     runtime = "executorch"
     unsupported: ClassVar[dict[str, str]] = {
-        # measured on tiny-openvla: the unrolled control step lowers in about 10 minutes into hundreds of islands,
-        # then to_executorch rejects a zero-stride (expanded) tensor; a per-stage lowering is the way to get there
+        # measured on tiny-openvla: the unrolled control step took about 10 minutes to lower, then to_executorch
+        # rejected a zero-stride (expanded) tensor; a per-stage lowering is the way to get there
         "vla": "policies do not export to executorch yet (the one-graph control step does not lower); "
         "use --target onnx for a policy",
     }
@@ -100,39 +99,21 @@ class ExecuTorchTarget(Target):
         self, module: nn.Module, inputs: dict[str, Tensor], output_names: tuple[str, ...], path: Path
     ) -> dict[str, Any]:
         """One graph as the `forward` method of the program at `path`."""
-        _, facts = self.write_program({SINGLE_METHOD: ExportPart(module, inputs, output_names)}, path)
-        return {**facts[SINGLE_METHOD], "versions": self.versions()}
+        return self.write_program({SINGLE_METHOD: ExportPart(module, inputs, output_names)}, path)[SINGLE_METHOD]
 
     def export_components(self, parts: dict[str, ExportPart], directory: Path, root: Path) -> dict[str, Artifact]:
-        methods = {method_name(name): part for name, part in parts.items()}
         path = directory / PROGRAM_FILE
-        _, facts = self.write_program(methods, path)
+        facts = self.write_program({method_name(name): part for name, part in parts.items()}, path)
         relative = str(path.relative_to(root))
-        artifacts = {}
-        for name in parts:
-            method = method_name(name)
-            artifacts[name] = Artifact(relative, method, {**facts[method], "versions": self.versions()})
-        return artifacts
+        return {name: Artifact(relative, method_name(name), facts[method_name(name)]) for name in parts}
 
-    def write_program(self, methods: dict[str, ExportPart], path: Path) -> tuple[Any, dict[str, dict[str, Any]]]:
-        programs = {name: exported_program(part) for name, part in methods.items()}
-        edge, reports = lower(programs)
-        program = edge.to_executorch()
+    def write_program(self, methods: dict[str, ExportPart], path: Path) -> dict[str, dict[str, Any]]:
+        """Lower every method into one program at `path`; each method's facts for the manifest."""
+        edge, reports = lower({name: exported_program(part) for name, part in methods.items()})
+        buffer = edge.to_executorch().buffer
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(program.buffer)
-        facts = {
-            name: {
-                "program": path.name,
-                "method": name,
-                "program_bytes": len(program.buffer),
-                "delegation": reports[name],
-            }
-            for name in methods
+        path.write_bytes(buffer)
+        versions = ExecuTorchRuntime.versions()
+        return {
+            name: {"program_bytes": len(buffer), "delegation": reports[name], "versions": versions} for name in methods
         }
-        return program, facts
-
-    @staticmethod
-    def versions() -> dict[str, str]:
-        from importlib.metadata import version
-
-        return {"executorch": version("executorch")}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tpc.exporter.base import Target
+from tpc.exporter.base import Target, export_program
 from tpc.passes.graph import lower_tpc_ops
 
 OPSET = 18
@@ -62,21 +62,19 @@ class OnnxTarget(Target):
     ) -> dict[str, Any]:
         import onnx
 
-        with torch.inference_mode(False), torch.no_grad():
-            program = torch.export.export(module, args=tuple(inputs.values()), strict=False)
-            program = lower_tpc_ops(program)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                onnx_program = torch.onnx.export(
-                    program,
-                    tuple(inputs.values()),
-                    input_names=list(inputs),
-                    output_names=list(output_names),
-                    opset_version=OPSET,
-                    dynamo=True,
-                    optimize=True,
-                    verbose=False,
-                )
+        program = lower_tpc_ops(export_program(module, inputs))
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(
+                program,
+                tuple(inputs.values()),
+                input_names=list(inputs),
+                output_names=list(output_names),
+                opset_version=OPSET,
+                dynamo=True,
+                optimize=True,
+                verbose=False,
+            )
         onnx_program.save(str(path))
         model = onnx.load(str(path))
         onnx.checker.check_model(model, full_check=True)

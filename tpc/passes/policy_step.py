@@ -30,7 +30,8 @@ from tpc.models_zoo import OpenVlaAdapter
 from tpc.models_zoo.openvla import OpenVlaForActionPrediction
 from tpc.ops import gather_tokens, select_indices
 from tpc.passes.attention_tap import LastRowAttention, ReceivedAttention, insert_taps
-from tpc.passes.vlm_components import INDEX_OUTPUT, RecordingCache, _Decoder
+from tpc.passes.vlm_components import RecordingCache, _Decoder
+from tpc.runtimes.base import KEPT_INDICES
 
 ACTION_OUTPUT, IMPORTANCE_OUTPUT, HISTORY_INPUT, HISTORY_OUTPUT = (
     "action_tokens",
@@ -80,7 +81,7 @@ class PolicyStep(_Decoder):
         self.score_tap: ReceivedAttention | LastRowAttention | None = None
         self.history_tap: LastRowAttention | None = None
         if method is not None:
-            self.output_names += (INDEX_OUTPUT,)
+            self.output_names += (KEPT_INDICES,)
             causal = method.score_rows(params) == ALL_ROWS
             score = self.prune_layer - 1
             make = (lambda: ReceivedAttention(causal=True)) if causal else LastRowAttention

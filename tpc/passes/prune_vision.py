@@ -18,9 +18,10 @@ from tpc.methods import VisionMethod, VisionSignals
 from tpc.models_zoo import VisionEncoderAdapter, VisionGeometry
 from tpc.ops import gather_tokens, select_tokens
 from tpc.passes.attention_tap import ReceivedAttention, insert_taps
+from tpc.runtimes.base import KEPT_INDICES
 
 INPUT_NAMES = ("pixel_values",)
-OUTPUT_NAMES = ("kept_features", "kept_indices")
+OUTPUT_NAMES = ("kept_features", KEPT_INDICES)
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,7 @@ from tpc.models_zoo import LlavaAdapter
 from tpc.ops import gather_tokens, select_indices
 from tpc.passes.attention_tap import LastRowAttention, insert_taps
 from tpc.passes.prune_vision import PrunedVisionEncoder
-
-INDEX_OUTPUT = "kept_indices"
+from tpc.runtimes.base import KEPT_INDICES
 
 
 def cache_names(prefix: str, num_layers: int) -> tuple[str, ...]:
@@ -52,7 +51,7 @@ class VisionComponent(nn.Module):
     """pixel_values -> image_embeds (B, K, D_text): the pruned tower, then the projector on the kept tokens only."""
 
     input_names = ("pixel_values",)
-    output_names = ("image_embeds", INDEX_OUTPUT)
+    output_names = ("image_embeds", KEPT_INDICES)
 
     def __init__(self, tower: PrunedVisionEncoder, projector: nn.Module) -> None:
         super().__init__()
@@ -144,7 +143,7 @@ class PrefillComponent(_Decoder):
         self.input_names = ("input_ids", "image_embeds")
         self.output_names = ("logits", *cache_names("present", self.num_layers))
         if self.prune_layer is not None:
-            self.output_names += (INDEX_OUTPUT,)
+            self.output_names += (KEPT_INDICES,)
             layers = adapter.decoder_layers(model)
             self.taps = insert_taps({self.prune_layer - 1: layers[self.prune_layer - 1].self_attn}, LastRowAttention)
 

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from tpc.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Which graph of an artifact to run, and its I/O names in order: a multi-method file (ExecuTorch) needs the
+    method and a positional format the names; ONNX and Core ML files carry their own and ignore them."""
+
+    method: str | None = None
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+
+
+ONLY_GRAPH = Entry()
 
 
 class Runtime(ABC):
@@ -20,17 +34,9 @@ class Runtime(ABC):
 
     @classmethod
     @abstractmethod
-    def load(
-        cls,
-        artifact: Path,
-        forced: tuple[str, ...] = (),
-        *,
-        method: str | None = None,
-        input_names: Sequence[str] = (),
-        output_names: Sequence[str] = (),
-    ) -> Runtime:
-        """Open the artifact (its `method`, for multi-method files). `forced`: output names to turn into inputs
-        (teacher forcing). The names give positional formats (ExecuTorch) their I/O names."""
+    def load(cls, artifact: Path, entry: Entry = ONLY_GRAPH, forced: tuple[str, ...] = ()) -> Runtime:
+        """Open `entry` of the artifact. `forced`: output names to turn into inputs (teacher forcing; only
+        runtimes that `cuts_outputs`)."""
 
     @abstractmethod
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -56,7 +62,7 @@ def load_components(directory: str | Path, section: str, what: str) -> tuple[Any
     return manifest, {c.name: open_component(runtime, directory, c).run for c in manifest.components}
 
 
-FORCED_INPUT = "kept_indices"
+KEPT_INDICES = "kept_indices"  # the output every selecting graph has, and the input teacher forcing feeds
 
 
 def open_component(runtime: type[Runtime], directory: Path, spec: Any, teacher_forced: bool = False) -> Runtime:
@@ -65,12 +71,12 @@ def open_component(runtime: type[Runtime], directory: Path, spec: Any, teacher_f
     `teacher_forced`: a session that takes `kept_indices` as an input, by cutting the artifact's graph where
     the runtime can, else from the teacher-forced artifact the export wrote beside it.
     """
-    inputs, outputs = [s.name for s in spec.inputs], [s.name for s in spec.outputs]
-    where = {"method": spec.method, "output_names": outputs}
+    inputs, outputs = tuple(s.name for s in spec.inputs), tuple(s.name for s in spec.outputs)
+    entry = Entry(spec.method, inputs, outputs)
     if not teacher_forced:
-        return runtime.load(directory / spec.artifact, input_names=inputs, **where)
+        return runtime.load(directory / spec.artifact, entry)
     if runtime.cuts_outputs:
-        return runtime.load(directory / spec.artifact, forced=(FORCED_INPUT,), input_names=inputs, **where)
+        return runtime.load(directory / spec.artifact, entry, forced=(KEPT_INDICES,))
     if spec.teacher_forced is None:
         raise UsageError(f"'{directory}' has no teacher-forced artifact for '{spec.name}'; re-export it")
-    return runtime.load(directory / spec.teacher_forced, input_names=[*inputs, FORCED_INPUT], **where)
+    return runtime.load(directory / spec.teacher_forced, Entry(spec.method, (*inputs, KEPT_INDICES), outputs))

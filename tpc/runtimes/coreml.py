@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from tpc.errors import RuntimeUnavailable, unknown_name
-from tpc.runtimes.base import Runtime
+from tpc.runtimes.base import ONLY_GRAPH, Entry, Runtime
 
 # Option value -> coremltools.ComputeUnit member name.
 COMPUTE_UNITS: dict[str, str] = {
@@ -74,17 +73,15 @@ class CoreMLRuntime(Runtime):
     def load(
         cls,
         artifact: Path,
+        entry: Entry = ONLY_GRAPH,
         forced: tuple[str, ...] = (),
         *,
-        method: str | None = None,
-        input_names: Sequence[str] = (),
-        output_names: Sequence[str] = (),
         compute_units: str | None = None,
     ) -> CoreMLRuntime:
         """Open the `.mlpackage`. `compute_units`: all, cpu_and_gpu, cpu_only or cpu_and_ne (default: the
         export's choice, else all). Teacher forcing (`forced`) has no run-time form here: a Core ML program cannot
-        be cut open, so tpc converts a second artifact whose inputs include `kept_indices` instead. The names
-        are not needed: the model's own description (with tpc's name map in its metadata) gives them."""
+        be cut open, so tpc converts a second artifact whose inputs include `kept_indices` instead. `entry` is
+        not needed: the model's own description (with tpc's name map in its metadata) gives the names."""
         if forced:
             raise ValueError(
                 f"Core ML artifacts cannot turn outputs {list(forced)} into inputs at run time; teacher forcing "

@@ -7,50 +7,38 @@ program, so verification runs the separately exported teacher-forced program ins
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tpc.runtimes.base import Runtime
+from tpc.runtimes.base import ONLY_GRAPH, Entry, Runtime
 
 
 class ExecuTorchRuntime(Runtime):
     name = "executorch"
     cuts_outputs = False
 
-    def __init__(self, method: Any, input_names: Sequence[str], output_names: Sequence[str]) -> None:
+    def __init__(self, method: Any, entry: Entry) -> None:
         self.method = method
-        self.input_names = list(input_names)
-        self.output_names = list(output_names)
+        self.entry = entry
 
     @classmethod
-    def load(
-        cls,
-        artifact: Path,
-        forced: tuple[str, ...] = (),
-        *,
-        method: str | None = None,
-        input_names: Sequence[str] = (),
-        output_names: Sequence[str] = (),
-        etdump: bool = False,
-    ) -> ExecuTorchRuntime:
+    def load(cls, artifact: Path, entry: Entry = ONLY_GRAPH, forced: tuple[str, ...] = ()) -> ExecuTorchRuntime:
+        """`entry.method` (default `forward`) of the program; `entry`'s names give the positional I/O its names."""
         if forced:
             raise ValueError("an ExecuTorch program cannot be cut; load the teacher-forced program instead")
         from executorch.runtime import Runtime as ETRuntime
 
-        program = ETRuntime.get().load_program(Path(artifact), enable_etdump=etdump)
-        session = cls(program.load_method(method or "forward"), input_names, output_names)
-        session.program = program
-        return session
+        program = ETRuntime.get().load_program(Path(artifact))
+        return cls(program.load_method(entry.method or "forward"), entry)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        args = [torch.from_numpy(np.ascontiguousarray(inputs[name])) for name in self.input_names]
+        args = [torch.from_numpy(np.ascontiguousarray(inputs[name])) for name in self.entry.inputs]
         outputs = self.method.execute(args)
-        return {name: out.numpy().copy() for name, out in zip(self.output_names, outputs, strict=True)}
+        return {name: out.numpy().copy() for name, out in zip(self.entry.outputs, outputs, strict=True)}
 
     @classmethod
     def versions(cls) -> dict[str, str]:

@@ -7,12 +7,11 @@ computation downstream of the selection runs on the indices we feed it (the eage
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from tpc.runtimes.base import Runtime
+from tpc.runtimes.base import ONLY_GRAPH, Entry, Runtime
 
 
 def _producer_tensor(graph: object, name: str) -> str:
@@ -55,16 +54,8 @@ class OnnxRuntime(Runtime):
         self.output_names = [o.name for o in session.get_outputs()]
 
     @classmethod
-    def load(
-        cls,
-        artifact: Path,
-        forced: tuple[str, ...] = (),
-        *,
-        method: str | None = None,
-        input_names: Sequence[str] = (),
-        output_names: Sequence[str] = (),
-    ) -> OnnxRuntime:
-        """An ONNX file has one graph, with its own I/O names: `method` and the names are not needed."""
+    def load(cls, artifact: Path, entry: Entry = ONLY_GRAPH, forced: tuple[str, ...] = ()) -> OnnxRuntime:
+        """An ONNX file has one graph, with its own I/O names: `entry` is not needed."""
         import onnx
         import onnxruntime as ort
 

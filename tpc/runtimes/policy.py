@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from tpc.errors import UsageError
+from tpc.runtimes.base import KEPT_INDICES, load_components
 
 RunComponent = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 WARMUP, PRUNED, STEP = "warmup", "pruned", "step"
@@ -91,8 +92,6 @@ class Policy:
 
     @classmethod
     def load(cls, directory: str | Path) -> Policy:
-        from tpc.runtimes.base import load_components
-
         manifest, runs = load_components(directory, "policy", "a policy")
         return cls(runs, manifest.policy)
 
@@ -120,7 +119,7 @@ class Policy:
             inputs["history"] = self.history
         out = self.components[graph](inputs)
         tokens = out["action_tokens"][0]
-        kept = out["kept_indices"][0] if "kept_indices" in out else np.arange(self.policy["prompt"]["image_tokens"])
+        kept = out[KEPT_INDICES][0] if KEPT_INDICES in out else np.arange(self.policy["prompt"]["image_tokens"])
         if self.stateful:
             self.history = out["history_next"].astype(np.float32)
             self.history_len = min(self.history_len + 1, self.window)
