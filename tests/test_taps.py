@@ -7,7 +7,7 @@ import torch
 from transformers import CLIPVisionModel, SiglipVisionModel
 
 from tpc.methods import hiprune
-from tpc.passes.attention_tap import ReceivedAttention
+from tpc.passes.attention_tap import LastRowAttention, ReceivedAttention
 from tpc.pipeline import PruneRequest, build
 
 
@@ -57,3 +57,20 @@ def test_blockwise_reduction_equals_single_block() -> None:
     probs = torch.softmax(q @ k.transpose(-1, -2) * 8**-0.5, dim=-1)
     torch.testing.assert_close(whole.value, probs.mean(1).mean(1))
     torch.testing.assert_close(out_whole, (probs @ v).transpose(1, 2))
+
+
+def test_last_row_tap_honours_a_boolean_mask_like_an_additive_one() -> None:
+    """A static cache's decode step passes a boolean mask (True: may attend); the tap's row must put zero
+    probability on the empty slots, as SDPA does, and equal the row over the filled slots alone."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 12, 8), torch.randn(1, 4, 12, 8)
+    k[:, :, 9:], v[:, :, 9:] = 0, 0  # three empty cache slots
+    visible = (torch.arange(12) < 9).view(1, 1, 1, 12)
+    boolean, additive, filled = (LastRowAttention(every_call=True) for _ in range(3))
+    out_bool, _ = boolean(None, q, k, v, visible, 8**-0.5)
+    out_add, _ = additive(None, q, k, v, torch.zeros(1, 1, 1, 12).masked_fill(~visible, float("-inf")), 8**-0.5)
+    filled(None, q, k[:, :, :9], v[:, :, :9], None, 8**-0.5)
+    torch.testing.assert_close(boolean.value, additive.value)
+    assert torch.all(boolean.value[:, 9:] == 0)
+    torch.testing.assert_close(boolean.value[:, :9], filled.value)
+    torch.testing.assert_close(out_bool, out_add)

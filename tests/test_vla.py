@@ -8,10 +8,12 @@ onnxruntime, from this process and from one that has only onnxruntime and numpy.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -21,11 +23,14 @@ from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tpc.errors import UsageError
+from tpc.exporter.manifest import TensorSpec
 from tpc.exporting import export
 from tpc.methods import fastv, vla_pruner
 from tpc.models_zoo import resolve
-from tpc.pipeline import Pruned, PruneRequest, as_arrays, build
+from tpc.passes.policy_stages import policy_stages
+from tpc.pipeline import Component, Pruned, PruneRequest, as_arrays, build
 from tpc.runtimes.policy import Policy, actions_from_tokens
+from tpc.runtimes.staged import DECODE, PREFILL, StagedStep
 from tpc.verification import eager_outputs
 from tpc.vla import seeded_frames, seeded_prompt
 
@@ -260,6 +265,32 @@ def test_fastv_on_a_policy_keeps_the_top_of_the_last_row(release_dir: tuple[Path
         ).attentions
     want = fastv.select(fastv.scores(attentions[2], 1, 256), 40)
     np.testing.assert_array_equal(kept, want.numpy())
+
+
+@pytest.mark.parametrize(("method", "keep"), [("vla-pruner", 64), ("fastv", 48), ("none", None)])
+def test_prefill_and_decode_stages_compute_the_one_graph_step(method: str, keep: int | None) -> None:
+    """The per-stage lowering (ExecuTorch's): prefill once + decode 6 times on the static cache, driven by the
+    runtime's StagedStep, = the unrolled step graph, tokens and kept indices exactly, action importance to ulps."""
+    pruned = build(PruneRequest("zoo:tiny-openvla", method, keep))
+    for seed in (0, 1):
+        samples = as_arrays(pruned.samples(seed))
+        for name, component in pruned.components.items():
+            want = eager_outputs(component, samples[name])
+            stages = policy_stages(component.module, {k: torch.from_numpy(v) for k, v in samples[name].items()})
+            prefill, decode = (eager_session(stages[stage].part.module) for stage in (PREFILL, DECODE))
+            spec = SimpleNamespace(outputs=[TensorSpec.of(n, a) for n, a in want.items()])
+            got = StagedStep(prefill, decode, spec).run(samples[name])
+            assert list(got) == list(want)
+            for output, value in want.items():
+                if value.dtype == np.float32:
+                    np.testing.assert_allclose(got[output], value, rtol=1e-5, atol=1e-8, err_msg=output)
+                else:
+                    np.testing.assert_array_equal(got[output], value, err_msg=output)
+
+
+def eager_session(module: torch.nn.Module) -> SimpleNamespace:
+    component = Component("", module, tuple(module.input_names), module.output_names)
+    return SimpleNamespace(run=functools.partial(eager_outputs, component))
 
 
 @pytest.fixture(scope="module")

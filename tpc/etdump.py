@@ -94,7 +94,7 @@ def etdump_report(directory: Path, etdump: Path, method: str | None = None, tick
     manifest = Manifest.read(Path(directory))
     if manifest.target != "executorch":
         raise UsageError(f"--etdump reads ExecuTorch exports; '{directory}' is a {manifest.target} export")
-    methods = [c.method for c in manifest.components]
+    methods = [c.method for c in manifest.methods]
     if method is None:
         method = etdump.stem if etdump.stem in methods else methods[0]
     if method not in methods:

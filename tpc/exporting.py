@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from torch import nn
@@ -23,10 +24,13 @@ from tpc.errors import RuntimeUnavailable, UsageError
 from tpc.exporter import ExportPart, get_target, runtime_for
 from tpc.exporter.bundle import write_bundle
 from tpc.exporter.manifest import ComponentSpec, Manifest, TensorSpec, write_samples
+from tpc.passes.policy_stages import StagePart, policy_stages
+from tpc.passes.policy_step import PolicyStep
 from tpc.pipeline import Pruned, PruneRequest, as_arrays, build
 from tpc.progress import Step, silent
 from tpc.runtimes import RUNTIMES
 from tpc.runtimes.base import KEPT_INDICES
+from tpc.runtimes.staged import PREFILL, STAGES_PROTOCOL, stage_method
 from tpc.verification import (
     VerifyReport,
     eager_outputs,
@@ -84,6 +88,42 @@ def teacher_forced_parts(pruned: Pruned, inputs: dict[str, dict], expected: dict
 
 def _tensors(arrays: dict) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(array) for name, array in arrays.items()}
+
+
+def _arrays(tensors: dict) -> dict[str, np.ndarray]:
+    return {name: tensor.numpy() for name, tensor in tensors.items()}
+
+
+def staged_components(
+    pruned: Pruned, parts: dict[str, ExportPart], expected: dict[str, dict]
+) -> dict[str, dict[str, StagePart]]:
+    """The policy steps of an export, each split into its prefill and decode stages (targets that lower per stage)."""
+    return {
+        name: policy_stages(part.module, part.inputs)
+        for name, part in parts.items()
+        if isinstance(part.module, PolicyStep)
+    }
+
+
+def _program_parts(
+    parts: dict[str, ExportPart], forced_parts: dict[str, ExportPart], staged: dict[str, dict[str, StagePart]]
+) -> tuple[dict[str, ExportPart], dict[str, ExportPart]]:
+    """What the target writes: each component, or a staged one's stages by method name; the same for the
+    teacher-forced programs, where a staged step's prefill is the stage that selects."""
+    programs, forced_programs = {}, {}
+    for name, part in parts.items():
+        if name not in staged:
+            programs[name] = part
+            if name in forced_parts:
+                forced_programs[name] = forced_parts[name]
+            continue
+        for stage, stage_part in staged[name].items():
+            programs[stage_method(name, stage)] = stage_part.part
+        if name in forced_parts:
+            kept = forced_parts[name].inputs[KEPT_INDICES]
+            prefill = policy_stages(part.module, part.inputs, kept_indices=kept)[PREFILL]
+            forced_programs[stage_method(name, PREFILL)] = prefill.part
+    return programs, forced_programs
 
 
 def _check_output(output: Path, force: bool) -> None:
@@ -171,7 +211,6 @@ def export(
     _check_output(output, force)
     with step(f"load {request.model} and insert {request.method} prune point"):
         pruned = build(request)
-    exporter.check_supports(pruned.source.adapter.kind)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tpc-", dir=output.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
@@ -182,31 +221,53 @@ def export(
             name: ExportPart(component.module, _tensors(first_inputs[name]), component.output_names)
             for name, component in pruned.components.items()
         }
-        with step(f"export {', '.join(parts)} to {target}"):
-            artifacts = exporter.export_components(parts, staging, staging)
         cuts = RUNTIMES[exporter.runtime].cuts_outputs
         forced_parts = {} if cuts else teacher_forced_parts(pruned, first_inputs, expected)
+        staged = staged_components(pruned, parts, expected) if exporter.lowers_policies_per_stage else {}
+        programs, forced_programs = _program_parts(parts, forced_parts, staged)
+        with step(f"export {', '.join(programs)} to {target}"):
+            artifacts = exporter.export_components(programs, staging, staging)
         forced = {}
-        if forced_parts:
-            with step(f"export teacher-forced {', '.join(forced_parts)} (verification only)"):
-                forced = exporter.export_components(forced_parts, staging / TEACHER_FORCED_DIR, staging)
-        specs, versions = [], {}
-        for name, artifact in artifacts.items():
-            inputs, outputs = first_inputs[name], expected[name]
+        if forced_programs:
+            with step(f"export teacher-forced {', '.join(forced_programs)} (verification only)"):
+                forced = exporter.export_components(forced_programs, staging / TEACHER_FORCED_DIR, staging)
+        versions: dict[str, str] = {}
+
+        def spec_for(name: str, inputs: dict, outputs: dict) -> ComponentSpec:
+            artifact = artifacts[name]
             versions.update(artifact.graph.pop("versions", {}))
             write_samples(staging, name, inputs, outputs)
-            specs.append(
-                ComponentSpec(
-                    name,
-                    artifact.path,
-                    [TensorSpec.of(n, a) for n, a in inputs.items()],
-                    [TensorSpec.of(n, a) for n, a in outputs.items()],
-                    artifact.graph,
-                    method=artifact.method,
-                    teacher_forced=forced[name].path if name in forced else None,
-                )
+            return ComponentSpec(
+                name,
+                artifact.path,
+                [TensorSpec.of(n, a) for n, a in inputs.items()],
+                [TensorSpec.of(n, a) for n, a in outputs.items()],
+                artifact.graph,
+                method=artifact.method,
+                teacher_forced=forced[name].path if name in forced else None,
             )
+
+        specs = []
+        for name in pruned.components:
+            if name not in staged:
+                specs.append(spec_for(name, first_inputs[name], expected[name]))
+                continue
+            stages = [
+                spec_for(stage_method(name, stage), _arrays(part.part.inputs), _arrays(part.expected))
+                for stage, part in staged[name].items()
+            ]
+            write_samples(staging, name, first_inputs[name], expected[name])
+            step_spec = ComponentSpec(
+                name,
+                stages[0].artifact,
+                [TensorSpec.of(n, a) for n, a in first_inputs[name].items()],
+                [TensorSpec.of(n, a) for n, a in expected[name].items()],
+                stages=stages,
+            )
+            specs.append(step_spec)
         manifest = _manifest(pruned, target, specs, versions)
+        if staged:
+            manifest.policy["stages"] = STAGES_PROTOCOL
         if manifest.generation is not None:
             write_generation_sample(staging, pruned)
         if manifest.policy is not None:

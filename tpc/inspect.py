@@ -161,6 +161,6 @@ def describe_export(directory: Path) -> dict[str, Any]:
                 "outputs": {s.name: f"{s.dtype}{s.shape}" for s in spec.outputs},
                 "graph": spec.graph,
             }
-            for spec in manifest.components
+            for spec in manifest.methods  # a staged policy step as its prefill and decode methods
         ],
     }

@@ -36,8 +36,7 @@ from tpc.exporter.manifest import (
 )
 from tpc.pipeline import SINGLE, Component, Pruned, PruneRequest, as_arrays, build, seeded_pixels
 from tpc.progress import Step, silent
-from tpc.runtimes import Runtime
-from tpc.runtimes.base import KEPT_INDICES, open_component
+from tpc.runtimes.base import KEPT_INDICES, Session, open_component
 from tpc.runtimes.generation import GenerationLoop, prefill_ids
 
 
@@ -283,7 +282,7 @@ def _check_component(
     report: VerifyReport,
     component: Component,
     label: str,
-    sessions: tuple[Runtime, Runtime | None],
+    sessions: tuple[Session, Session | None],
     inputs: dict[str, np.ndarray],
     tolerance: Tolerance,
 ) -> None:

@@ -64,11 +64,9 @@ class VlaPlan(DecoderPlan):
 
     def kept_lengths(self, keep: int) -> list[int]:
         """Each decoder layer's prompt length when `keep` image tokens are kept from the prune layer on."""
-        full, layers = self.prompt.length, self.decoder.num_layers
-        if not isinstance(self.method, PrefillMethod) or keep == self.prompt.image_tokens:
-            return [full] * layers
-        prune_layer = self.method.prune_layer(self.method_params)
-        return [full if i < prune_layer else self.prompt.text_len + keep for i in range(layers)]
+        prunes = isinstance(self.method, PrefillMethod) and keep != self.prompt.image_tokens
+        prune_layer = self.method.prune_layer(self.method_params) if prunes else None
+        return list(self.layout.cache_lengths(keep, prune_layer, self.decoder.num_layers))
 
     def flops(self, keep: int | None = None) -> dict[str, int]:
         """2x multiply-adds of one control step with `keep` image tokens kept (default: the plan's K)."""

@@ -25,9 +25,11 @@ class ExportPart:
 
 def export_program(module: nn.Module, inputs: dict[str, Tensor]) -> torch.export.ExportedProgram:
     """`torch.export` as every target runs it: non-strict, no autograd, even when called under inference mode
-    (inference tensors cannot be traced)."""
+    (inference tensors cannot be traced). Inputs get row-major strides: a numpy array with a new axis has a
+    zero stride there, which the traced input would keep and ExecuTorch's memory planner rejects."""
+    args = tuple(tensor.clone(memory_format=torch.contiguous_format) for tensor in inputs.values())
     with torch.inference_mode(False), torch.no_grad():
-        return torch.export.export(module, args=tuple(inputs.values()), strict=False)
+        return torch.export.export(module, args=args, strict=False)
 
 
 @dataclass
@@ -46,11 +48,8 @@ class Target(ABC):
     requires: ClassVar[tuple[str, ...]]  # importable modules the target needs
     runtime: ClassVar[str]  # name in tpc.runtimes.RUNTIMES that runs the artifact
     options: ClassVar[dict[str, str]] = {}  # target option -> what it means (the CLI's --compute-units, ...)
-    unsupported: ClassVar[dict[str, str]] = {}  # model kind (adapter.kind) -> why this target cannot take it
-
-    def check_supports(self, kind: str) -> None:
-        if kind in self.unsupported:
-            raise UsageError(self.unsupported[kind])
+    # write a policy step as its prefill and decode stages (tpc.passes.policy_stages) instead of one unrolled graph
+    lowers_policies_per_stage: ClassVar[bool] = False
 
     def check_installed(self) -> None:
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]

@@ -46,7 +46,7 @@ def write_bundle(directory: Path, manifest: Manifest) -> Path:
     program = manifest.components[0].artifact
     shutil.copyfile(directory / program, bundle / Path(program).name)
     suites, commands = [], []
-    for spec in manifest.components:
+    for spec in manifest.methods:
         inputs = read_samples(directory, spec.name, INPUTS_FILE)
         expected = read_samples(directory, spec.name, EXPECTED_FILE)
         input_names, output_names = [s.name for s in spec.inputs], [s.name for s in spec.outputs]
@@ -80,6 +80,8 @@ def readme(manifest: Manifest, program: str, commands: list[tuple]) -> str:
         ins = ", ".join(f"{s.name} {s.dtype}{s.shape}" for s in spec.inputs)
         outs = ", ".join(f"{s.name} {s.dtype}{s.shape}" for s in spec.outputs)
         lines.append(f"| `{spec.method}` | {ins} | {outs} |")
+    if manifest.policy is not None and "stages" in manifest.policy:
+        lines += ["", f"A control step runs its graph's two methods: {manifest.policy['stages']}."]
     lines += [
         "",
         "## executor_runner (host or `adb shell`)",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -88,12 +88,9 @@ class ExecuTorchTarget(Target):
     extra = "executorch"
     requires = ("executorch",)
     runtime = "executorch"
-    unsupported: ClassVar[dict[str, str]] = {
-        # measured on tiny-openvla: the unrolled control step took about 10 minutes to lower, then to_executorch
-        # rejected a zero-stride (expanded) tensor; a per-stage lowering is the way to get there
-        "vla": "policies do not export to executorch yet (the one-graph control step does not lower); "
-        "use --target onnx for a policy",
-    }
+    # the unrolled step is action_dim decoders long, and XNNPACK's per-island work grows with the graph
+    # (tiny-openvla FastV: 163 islands, 220 s to lower); its decode stage is lowered once instead
+    lowers_policies_per_stage = True
 
     def export(
         self, module: nn.Module, inputs: dict[str, Tensor], output_names: tuple[str, ...], path: Path

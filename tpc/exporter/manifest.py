@@ -49,13 +49,22 @@ class ComponentSpec:
     graph: dict[str, Any] = field(default_factory=dict)  # target facts: opset, op counts, delegation, ...
     method: str | None = None  # the entry point inside a multi-method artifact (ExecuTorch); None: its only graph
     teacher_forced: str | None = None  # artifact taking `kept_indices` as input, for runtimes that cannot cut
+    # a policy step lowered per stage: its `prefill` and `decode` methods, each a full spec with its own samples
+    # (`samples/<stage method>/`); the runtime drives them (tpc.runtimes.staged) behind this spec's inputs/outputs
+    stages: list[ComponentSpec] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ComponentSpec:
         data = dict(data)
         data["inputs"] = [TensorSpec(**spec) for spec in data["inputs"]]
         data["outputs"] = [TensorSpec(**spec) for spec in data["outputs"]]
+        data["stages"] = [cls.from_dict(stage) for stage in data.get("stages", [])]
         return cls(**data)
+
+    @property
+    def methods(self) -> list[ComponentSpec]:
+        """The graphs this component runs as: its stages, or itself."""
+        return self.stages or [self]
 
 
 @dataclass
@@ -79,6 +88,11 @@ class Manifest:
 
     def component(self, name: str) -> ComponentSpec:
         return next(c for c in self.components if c.name == name)
+
+    @property
+    def methods(self) -> list[ComponentSpec]:
+        """Every graph the artifacts hold: the components, a staged one as its stages."""
+        return [method for component in self.components for method in component.methods]
 
     def write(self, directory: Path) -> None:
         (directory / MANIFEST_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")

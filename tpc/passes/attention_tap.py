@@ -101,7 +101,9 @@ class LastRowAttention:
         groups = query.shape[1] // key.shape[1]
         keys = repeat_kv(key, groups) if groups > 1 else key
         logits = torch.matmul(query[:, :, -1:], keys.transpose(-1, -2)) * scaling
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dtype == torch.bool:  # True: may attend (a static cache)
+            logits = logits.masked_fill(~attention_mask[:, :, -1:, :], float("-inf"))
+        elif attention_mask is not None:  # additive
             logits = logits + attention_mask[:, :, -1:, :]
         self.value = torch.softmax(logits, dim=-1, dtype=torch.float32)[:, :, 0].mean(dim=1)
         if self.every_call:

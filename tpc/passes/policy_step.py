@@ -53,6 +53,14 @@ class StepLayout:
     def prompt_length(self) -> int:
         return self.text_tokens + self.image_tokens
 
+    def cache_lengths(self, keep: int, prune_layer: int | None, num_layers: int) -> tuple[int, ...]:
+        """Each decoder layer's prompt length (its cache after the prefill) when `keep` image tokens are kept from
+        `prune_layer` on (None: every layer sees the whole prompt)."""
+        pruned = self.text_tokens + keep
+        return tuple(
+            self.prompt_length if prune_layer is None or index < prune_layer else pruned for index in range(num_layers)
+        )
+
 
 class PolicyStep(_Decoder):
     """pixel_values (1, 6, H, W) + input_ids (1, T) [+ history (window, N)] -> action_tokens (1, A)
@@ -92,6 +100,10 @@ class PolicyStep(_Decoder):
             rows = lambda: LastRowAttention(every_call=True)  # noqa: E731
             self.history_tap = insert_taps({history_layer: layers[history_layer].self_attn}, rows)[history_layer]
 
+    @property
+    def cache_lengths(self) -> tuple[int, ...]:
+        return self.layout.cache_lengths(self.keep, self.prune_layer, self.num_layers)
+
     def forward(
         self,
         pixel_values: Tensor,
@@ -101,6 +113,28 @@ class PolicyStep(_Decoder):
     ) -> tuple[Tensor, ...]:
         if self.history_tap is not None:
             self.history_tap.rows = []
+        hidden, cache, kept = self.prefill(pixel_values, input_ids, history, forced_indices)
+        tokens = [self.logits(hidden).argmax(dim=-1)]
+        batch, length = hidden.shape[0], self.layout.prompt_length
+        for step in range(1, self.layout.action_dim):
+            hidden = self.adapter.embed_text(self.model, tokens[-1][:, None])
+            position = torch.full((batch, 1), length + step - 1, device=hidden.device)
+            rotary = self.adapter.rotary(self.model, hidden, position)
+            for index in range(self.num_layers):
+                hidden = self.run_layer(index, hidden, rotary, None, cache)
+            tokens.append(self.logits(hidden).argmax(dim=-1))
+        outputs: tuple[Tensor, ...] = (torch.stack(tokens, dim=1),)
+        if kept is not None:
+            outputs += (kept,)
+        if self.history_tap is not None:
+            importance = self._importance(kept)
+            outputs += (importance, torch.cat([history[1:], importance[:1]], dim=0))
+        return outputs
+
+    def prefill(
+        self, pixel_values: Tensor, input_ids: Tensor, history: Tensor | None, forced_indices: Tensor | None
+    ) -> tuple[Tensor, RecordingCache, Tensor | None]:
+        """Every decoder layer over the prompt, pruning at the prune layer: (hidden states, the cache, kept)."""
         image = self.model.image_embeddings(pixel_values)
         text = self.adapter.embed_text(self.model, input_ids)
         hidden = torch.cat([text[:, :1], image.to(text.dtype), text[:, 1:]], dim=1)
@@ -116,21 +150,7 @@ class PolicyStep(_Decoder):
                 hidden = gather_tokens(hidden, sequence)
                 rotary = self.adapter.rotary(self.model, hidden, sequence)  # original positions of the kept
             hidden = self.run_layer(index, hidden, rotary, None, cache)
-        tokens = [self.logits(hidden).argmax(dim=-1)]
-        for step in range(1, self.layout.action_dim):
-            hidden = self.adapter.embed_text(self.model, tokens[-1][:, None])
-            position = torch.full((batch, 1), length + step - 1, device=hidden.device)
-            rotary = self.adapter.rotary(self.model, hidden, position)
-            for index in range(self.num_layers):
-                hidden = self.run_layer(index, hidden, rotary, None, cache)
-            tokens.append(self.logits(hidden).argmax(dim=-1))
-        outputs: tuple[Tensor, ...] = (torch.stack(tokens, dim=1),)
-        if kept is not None:
-            outputs += (kept,)
-        if self.history_tap is not None:
-            importance = self._importance(kept, image.shape[1])
-            outputs += (importance, torch.cat([history[1:], importance[:1]], dim=0))
-        return outputs
+        return hidden, cache, kept
 
     def _select(self, image: Tensor, history: Tensor | None) -> Tensor:
         scores = self.score_tap.value[:, 1 : 1 + image.shape[1]]
@@ -142,9 +162,10 @@ class PolicyStep(_Decoder):
         priority = self.method.priority(PrefillSignals(scores, image, guide), self.keep, self.params)
         return select_indices(priority, self.keep)
 
-    def _importance(self, kept: Tensor | None, num_image: int) -> Tensor:
+    def _importance(self, kept: Tensor | None) -> Tensor:
         """(B, N): the recorded rows' attention to the kept image tokens (cache slots 1..K), action mean,
         scattered to the image grid with zeros at pruned tokens."""
+        num_image = self.layout.image_tokens
         count = num_image if kept is None else kept.shape[1]
         per_token = torch.stack([row[:, 1 : 1 + count] for row in self.history_tap.rows]).mean(dim=0)
         if kept is None:

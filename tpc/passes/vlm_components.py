@@ -80,6 +80,17 @@ class RecordingCache:
         return key, value
 
 
+def padded_cache(cache: RecordingCache, free_slots: int) -> list[Tensor]:
+    """Each layer's prefill keys and values followed by `free_slots` zero slots for the decode steps: the static
+    cache (`present.*`, in `cache_names` order) that decode fills one slot per call."""
+    present = []
+    for index in sorted(cache.entries):
+        for tensor in cache.entries[index]:
+            pad = tensor.new_zeros((*tensor.shape[:2], free_slots, tensor.shape[3]))
+            present.append(torch.cat([tensor, pad], dim=2))
+    return present
+
+
 class _DecodeCache:
     """Static cache: writes the new key/value at each layer's slot and returns the whole buffer."""
 
@@ -165,12 +176,7 @@ class PrefillComponent(_Decoder):
                 hidden = gather_tokens(hidden, sequence)
                 rotary = self.adapter.rotary(self.model, hidden, sequence)  # original positions of the kept
             hidden = self.run_layer(index, hidden, rotary, None, cache)
-        present = []
-        for index, capacity in enumerate(self.layout.capacities):
-            for tensor in cache.entries[index]:
-                pad = tensor.new_zeros((*tensor.shape[:2], capacity - tensor.shape[2], tensor.shape[3]))
-                present.append(torch.cat([tensor, pad], dim=2))
-        outputs = (self.logits(hidden), *present)
+        outputs = (self.logits(hidden), *padded_cache(cache, self.layout.decode_steps))
         return (*outputs, kept) if kept is not None else outputs
 
     def _select(self, image_embeds: Tensor, forced_indices: Tensor | None) -> Tensor:

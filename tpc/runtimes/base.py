@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -24,6 +24,12 @@ class Entry:
 
 
 ONLY_GRAPH = Entry()
+
+
+class Session(Protocol):
+    """Something that runs one component: a runtime's loaded graph, or a staged step driving two of them."""
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
 class Runtime(ABC):
@@ -65,12 +71,19 @@ def load_components(directory: str | Path, section: str, what: str) -> tuple[Any
 KEPT_INDICES = "kept_indices"  # the output every selecting graph has, and the input teacher forcing feeds
 
 
-def open_component(runtime: type[Runtime], directory: Path, spec: Any, teacher_forced: bool = False) -> Runtime:
+def open_component(runtime: type[Runtime], directory: Path, spec: Any, teacher_forced: bool = False) -> Session:
     """Load one component of an export (`spec`: its manifest ComponentSpec) in `runtime`.
 
     `teacher_forced`: a session that takes `kept_indices` as an input, by cutting the artifact's graph where
-    the runtime can, else from the teacher-forced artifact the export wrote beside it.
+    the runtime can, else from the teacher-forced artifact the export wrote beside it. A staged component (a
+    policy step lowered as prefill + decode) opens both stages behind one step-shaped session.
     """
+    if spec.stages:
+        from tpc.runtimes.staged import StagedStep
+
+        prefill, decode = spec.stages
+        prefill_session = open_component(runtime, directory, prefill, teacher_forced)
+        return StagedStep(prefill_session, open_component(runtime, directory, decode), spec)
     inputs, outputs = tuple(s.name for s in spec.inputs), tuple(s.name for s in spec.outputs)
     entry = Entry(spec.method, inputs, outputs)
     if not teacher_forced:
