@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt -e '.[onnx,executorch,coreml,bench,dev]'
+	$(PIP) install -q -c constraints.txt -e '.[onnx,tensorrt,executorch,coreml,bench,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

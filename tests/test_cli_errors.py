@@ -39,7 +39,14 @@ CASES = [
         "--keep 4 with method hiprune: alpha=1.0 gives 1 anchor(s)",
     ),
     (["--method", "hiprune", "--keep", "8", "--dtype", "int8"], "unknown dtype 'int8'"),
-    (["--method", "hiprune", "--keep", "8", "--target", "tensorrt"], "target 'tensorrt' is not available"),
+    (
+        ["--method", "hiprune", "--keep", "8", "--target", "tensorrt", "--param", "trt_select=fused"],
+        "--param trt_select=fused: expected one of native, plugin",
+    ),
+    (
+        ["--method", "hiprune", "--keep", "8", "--param", "trt_select=plugin"],
+        "option 'trt_select' does not apply to target 'onnx'",
+    ),
     (
         ["--method", "hiprune", "--keep", "8", "--prompt-len", "32"],
         "--prompt-len and --max-new-tokens apply to VLM models",

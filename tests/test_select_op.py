@@ -14,22 +14,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from tpc.ops import select_tokens
+from tpc.ops.reference import kept_indices_reference
 from tpc.passes.graph import lower_tpc_ops
 
 SPECIAL = [0.0, 1.0, -1.0, 0.5, np.inf, -np.inf, np.nan, 1e-30, -0.0]
-
-
-def stable_sort_reference(scores: np.ndarray, k: int) -> np.ndarray:
-    """The rule, written independently: NaN lowest, then value descending, then index ascending."""
-    out = []
-    for row in scores:
-        order = sorted(
-            range(len(row)),
-            key=lambda i: (0 if np.isnan(row[i]) else 1, -np.inf if np.isnan(row[i]) else row[i], -i),
-            reverse=True,
-        )
-        out.append(sorted(order[:k]))
-    return np.array(out, dtype=np.int64)
 
 
 def score_arrays(batch: int, tokens: int) -> st.SearchStrategy[np.ndarray]:
@@ -40,14 +28,14 @@ def score_arrays(batch: int, tokens: int) -> st.SearchStrategy[np.ndarray]:
 
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
-def test_eager_matches_stable_sort_reference(data: st.DataObject) -> None:
+def test_eager_matches_kept_indices_reference(data: st.DataObject) -> None:
     batch = data.draw(st.integers(1, 3))
     tokens = data.draw(st.integers(1, 40))
     k = data.draw(st.integers(1, tokens))
     scores = data.draw(score_arrays(batch, tokens))
     features = torch.randn(batch, tokens, 3)
     indices, kept = select_tokens(torch.from_numpy(scores), features, k)
-    expected = stable_sort_reference(scores, k)
+    expected = kept_indices_reference(scores, k)
     assert indices.dtype == torch.int64 and indices.shape == (batch, k)
     np.testing.assert_array_equal(indices.numpy(), expected)
     assert all(len(set(row)) == k for row in indices.tolist())  # unique
@@ -87,12 +75,12 @@ def onnx_select(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int
 
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
-def test_onnx_runtime_matches_stable_sort_reference(onnx_select: dict, data: st.DataObject) -> None:
+def test_onnx_runtime_matches_kept_indices_reference(onnx_select: dict, data: st.DataObject) -> None:
     batch, tokens, k = data.draw(st.sampled_from(SHAPES))
     scores = data.draw(score_arrays(batch, tokens))
     features = np.random.default_rng(0).standard_normal((batch, tokens, 4)).astype(np.float32)
     indices, kept = onnx_select[(batch, tokens, k)].run(None, {"scores": scores, "tokens": features})
-    expected = stable_sort_reference(scores, k)
+    expected = kept_indices_reference(scores, k)
     np.testing.assert_array_equal(indices, expected)
     np.testing.assert_array_equal(kept, np.take_along_axis(features, expected[..., None], axis=1))
 
@@ -154,11 +142,11 @@ def executorch_select(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[in
 
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
-def test_executorch_runtime_matches_stable_sort_reference(executorch_select: dict, data: st.DataObject) -> None:
+def test_executorch_runtime_matches_kept_indices_reference(executorch_select: dict, data: st.DataObject) -> None:
     batch, tokens, k = data.draw(st.sampled_from(SHAPES))
     scores = data.draw(score_arrays(batch, tokens))
     features = np.random.default_rng(0).standard_normal((batch, tokens, 4)).astype(np.float32)
     out = executorch_select[(batch, tokens, k)].run({"scores": scores, "tokens": features})
-    expected = stable_sort_reference(scores, k)
+    expected = kept_indices_reference(scores, k)
     np.testing.assert_array_equal(out["kept_indices"], expected)
     np.testing.assert_array_equal(out["kept_tokens"], np.take_along_axis(features, expected[..., None], axis=1))

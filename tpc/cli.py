@@ -168,7 +168,10 @@ def export(
     output: Annotated[Path, typer.Option(help="export directory to create")],
     keep: Annotated[int | None, typer.Option(help="number of visual tokens to keep (K)")] = None,
     target: Annotated[str, typer.Option(help="onnx | tensorrt | executorch | coreml")] = "onnx",
-    param: Annotated[list[str] | None, typer.Option(help="method/model parameter NAME=VALUE (repeatable)")] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(help="method/model parameter NAME=VALUE (repeatable); tensorrt: trt_select=native|plugin"),
+    ] = None,
     dtype: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
     prompt_len: Annotated[
         int | None, typer.Option(help="VLMs: text tokens of the static prompt (default: the chat template's)")
@@ -188,12 +191,16 @@ def export(
     ] = False,
 ) -> None:
     """Prune MODEL to KEEP visual tokens with METHOD, export it for TARGET, and verify it against eager."""
+    from tpc.exporter import PARAM_OPTIONS
     from tpc.exporting import export as run_export
     from tpc.pipeline import PruneRequest
     from tpc.progress import rich_steps
 
-    request = PruneRequest(model, method, keep, _parse_params(param or []), dtype, batch, prompt_len, max_new_tokens)
-    options = {"compute_units": compute_units} if compute_units is not None else {}
+    params = _parse_params(param or [])
+    options = {name: params.pop(name) for name in list(params) if name in PARAM_OPTIONS}
+    if compute_units is not None:
+        options["compute_units"] = compute_units
+    request = PruneRequest(model, method, keep, params, dtype, batch, prompt_len, max_new_tokens)
     result = run_export(request, target, output, force, not no_verify, samples, rich_steps(err), options, bundle=bundle)
     if result.report is not None:
         _render_verify(result.report)

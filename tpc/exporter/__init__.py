@@ -9,21 +9,18 @@ from tpc.exporter.base import Artifact, ExportPart, Target
 from tpc.exporter.coreml import CoreMLTarget
 from tpc.exporter.executorch import ExecuTorchTarget
 from tpc.exporter.onnx import OnnxTarget
+from tpc.exporter.tensorrt import TensorRTTarget
 from tpc.runtimes import RUNTIMES, Runtime
 
-TARGETS: dict[str, type[Target]] = {t.name: t for t in (OnnxTarget, ExecuTorchTarget, CoreMLTarget)}
-# Named in the product's CLI, not built yet: saying so beats "unknown target".
-PLANNED_TARGETS = ("tensorrt",)
+TARGETS: dict[str, type[Target]] = {t.name: t for t in (OnnxTarget, TensorRTTarget, ExecuTorchTarget, CoreMLTarget)}
+# target options given as `--param NAME=VALUE` (TensorRT's select lowering) rather than as flags of their own
+PARAM_OPTIONS = frozenset(name for target in TARGETS.values() for name in target.param_options)
 
 
 def get_target(name: str, **options: Any) -> Target:
     """The target `name`, configured with its options (e.g. Core ML's compute_units); one line if unknown."""
-    if name in PLANNED_TARGETS:
-        raise UsageError(
-            f"target '{name}' is not available in this version of tpc yet; available: {', '.join(TARGETS)}"
-        )
     if name not in TARGETS:
-        raise unknown_name("target", name, [*TARGETS, *PLANNED_TARGETS])
+        raise unknown_name("target", name, TARGETS)
     target = TARGETS[name]
     for option in options:
         if option not in target.options:
@@ -39,4 +36,4 @@ def runtime_for(target_name: str) -> type[Runtime]:
     return RUNTIMES[target.runtime]
 
 
-__all__ = ["TARGETS", "Artifact", "ExportPart", "Target", "get_target", "runtime_for"]
+__all__ = ["PARAM_OPTIONS", "TARGETS", "Artifact", "ExportPart", "Target", "get_target", "runtime_for"]

@@ -48,6 +48,7 @@ class Target(ABC):
     requires: ClassVar[tuple[str, ...]]  # importable modules the target needs
     runtime: ClassVar[str]  # name in tpc.runtimes.RUNTIMES that runs the artifact
     options: ClassVar[dict[str, str]] = {}  # target option -> what it means (the CLI's --compute-units, ...)
+    param_options: ClassVar[tuple[str, ...]] = ()  # options the CLI takes as --param NAME=VALUE
     # write a policy step as its prefill and decode stages (tpc.passes.policy_stages) instead of one unrolled graph
     lowers_policies_per_stage: ClassVar[bool] = False
 

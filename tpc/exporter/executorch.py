@@ -38,7 +38,7 @@ def method_name(component: str) -> str:
 
 
 def exported_program(part: ExportPart) -> torch.export.ExportedProgram:
-    return lower_tpc_ops(export_program(part.module, part.inputs), gather="gather")
+    return lower_tpc_ops(export_program(part.module, part.inputs), lowering="gather")
 
 
 def partitioner() -> Any:

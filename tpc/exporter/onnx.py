@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,40 @@ def check_static_graph(model: Any) -> None:
             raise StaticShapeError(f"value '{value.name}' has a non-static shape")
 
 
+def write_onnx(
+    program: torch.export.ExportedProgram,
+    inputs: dict[str, Tensor],
+    output_names: tuple[str, ...],
+    path: Path,
+    translations: dict | None = None,
+) -> Any:
+    """torch.onnx (dynamo) of an exported program at `path`, checked by onnx's full checker; returns the model.
+    `translations`: ONNX functions for ops the exporter has none for (TensorRT's plugin node)."""
+    import onnx
+
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_program = torch.onnx.export(
+            program,
+            tuple(inputs.values()),
+            input_names=list(inputs),
+            output_names=list(output_names),
+            opset_version=OPSET,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+            custom_translation_table=translations,
+        )
+    onnx_program.save(str(path))
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def op_counts(model: Any) -> dict[str, int]:
+    return dict(sorted(Counter(node.op_type for node in model.graph.node).items()))
+
+
 class OnnxTarget(Target):
     name = "onnx"
     suffix = ".onnx"
@@ -60,27 +95,10 @@ class OnnxTarget(Target):
     def export(
         self, module: nn.Module, inputs: dict[str, Tensor], output_names: tuple[str, ...], path: Path
     ) -> dict[str, Any]:
-        import onnx
-
-        program = lower_tpc_ops(export_program(module, inputs))
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            onnx_program = torch.onnx.export(
-                program,
-                tuple(inputs.values()),
-                input_names=list(inputs),
-                output_names=list(output_names),
-                opset_version=OPSET,
-                dynamo=True,
-                optimize=True,
-                verbose=False,
-            )
-        onnx_program.save(str(path))
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model, full_check=True)
+        model = write_onnx(lower_tpc_ops(export_program(module, inputs)), inputs, output_names, path)
         check_static_graph(model)
         return {
             "opset": OPSET,
-            "op_counts": dict(sorted(Counter(node.op_type for node in model.graph.node).items())),
-            "versions": {"onnx": onnx.__version__},
+            "op_counts": op_counts(model),
+            "versions": {"onnx": version("onnx")},
         }

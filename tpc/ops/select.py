@@ -124,7 +124,43 @@ def select_tokens_gather_decomposition(scores: Tensor, tokens: Tensor, k: int) -
     return indices, gather_rows(tokens, indices)
 
 
-GATHER_LOWERINGS = {"flat": select_tokens_decomposition, "gather": select_tokens_gather_decomposition}
+def float32_kept_indices(scores: Tensor, k: int) -> Tensor:
+    """`kept_indices` in float32 and int32 arithmetic only, whatever TopK does with ties: for TensorRT, which has
+    no float64 (the ranking key's dtype) and documents no tie order for its TopK.
+
+    NaN becomes -inf, so the K-th largest value `threshold` is well defined; tokens above it are kept; of the
+    tokens equal to it, numbers rank before NaNs (NaN is below -inf) and each group by index, by running counts;
+    the first `K - above` of them are kept. A second TopK over `N - i` at the kept tokens (0 elsewhere; distinct,
+    exact in float32 for N < 2**24) returns them in ascending order."""
+    score = scores.float()
+    nan = torch.isnan(score)
+    key = torch.where(nan, torch.full_like(score, float("-inf")), score)
+    threshold = torch.topk(key, k, dim=-1, largest=True, sorted=True).values[:, k - 1 : k]
+    above, tied = key > threshold, key == threshold
+    # running counts in float32 (exact below 2**24; TensorRT's CumSum takes float types)
+    tied_numbers, tied_nans = (tied & ~nan).to(torch.float32), (tied & nan).to(torch.float32)
+    numbers_first = torch.cumsum(tied_numbers, dim=-1) - 1
+    nans_after = tied_numbers.sum(dim=-1, keepdim=True) + torch.cumsum(tied_nans, dim=-1) - 1
+    room = k - above.to(torch.float32).sum(dim=-1, keepdim=True)
+    kept = above | (tied & (torch.where(nan, nans_after, numbers_first) < room))
+    n = score.shape[-1]
+    earlier_first = (n - torch.arange(n, device=score.device)).to(torch.float32)
+    priority = torch.where(kept, earlier_first, torch.zeros_like(earlier_first))
+    return torch.topk(priority, k, dim=-1, largest=True, sorted=True).indices
+
+
+def select_tokens_float32_decomposition(scores: Tensor, tokens: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The op for TensorRT's native path: TopK (threshold) + TopK (ascending kept) + Gather, float32/int32 only."""
+    check_select_args(scores, tokens, k)
+    indices = float32_kept_indices(scores, k)
+    return indices, gather_tokens(tokens, indices)
+
+
+LOWERINGS = {
+    "flat": select_tokens_decomposition,  # ONNX Runtime
+    "gather": select_tokens_gather_decomposition,  # ExecuTorch
+    "float32": select_tokens_float32_decomposition,  # TensorRT
+}
 
 
 def select_indices(scores: Tensor, k: int) -> Tensor:
@@ -132,7 +168,7 @@ def select_indices(scores: Tensor, k: int) -> Tensor:
     return select_tokens(scores, scores.unsqueeze(-1), k)[0]
 
 
-def decompositions(gather: str = "flat") -> dict:
-    """Decomposition table that `ExportedProgram.run_decompositions` takes to lower tpc's ops to ATen; `gather`
-    picks how the kept tokens are gathered (`flat` for ONNX, `gather` for ExecuTorch)."""
-    return {torch.ops.tpc.select_tokens.default: GATHER_LOWERINGS[gather]}
+def decompositions(lowering: str = "flat") -> dict:
+    """Decomposition table that `ExportedProgram.run_decompositions` takes to lower tpc's ops to ATen; `lowering`
+    names one of `LOWERINGS` (`flat` for ONNX, `gather` for ExecuTorch, `float32` for TensorRT)."""
+    return {torch.ops.tpc.select_tokens.default: LOWERINGS[lowering]}

@@ -7,7 +7,19 @@ from tpc.runtimes.coreml import CoreMLRuntime
 from tpc.runtimes.executorch import ExecuTorchRuntime
 from tpc.runtimes.generation import VLM, GenerationLoop
 from tpc.runtimes.onnxruntime import OnnxRuntime
+from tpc.runtimes.tensorrt import TensorRTRuntime
 
-RUNTIMES: dict[str, type[Runtime]] = {r.name: r for r in (OnnxRuntime, ExecuTorchRuntime, CoreMLRuntime)}
+RUNTIMES: dict[str, type[Runtime]] = {
+    r.name: r for r in (OnnxRuntime, TensorRTRuntime, ExecuTorchRuntime, CoreMLRuntime)
+}
 
-__all__ = ["RUNTIMES", "VLM", "CoreMLRuntime", "ExecuTorchRuntime", "GenerationLoop", "OnnxRuntime", "Runtime"]
+__all__ = [
+    "RUNTIMES",
+    "VLM",
+    "CoreMLRuntime",
+    "ExecuTorchRuntime",
+    "GenerationLoop",
+    "OnnxRuntime",
+    "Runtime",
+    "TensorRTRuntime",
+]
