@@ -6,7 +6,7 @@ STAMP := $(VENV)/.tpc-installed
 # Every pip call carries the constraints file: it pins torch==2.13.0 (the local CPU wheel).
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install demo test lint bench-taps bench-llava bench-openvla bench-executorch clean
+.PHONY: install demo test lint bench-taps bench-llava bench-openvla bench-executorch bench-select clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ bench-openvla: $(STAMP)
 
 bench-executorch: $(STAMP)
 	$(BIN)/python benchmarks/executorch_islands.py
+
+bench-select: $(STAMP)
+	$(BIN)/python benchmarks/select_kernel.py
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

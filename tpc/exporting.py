@@ -94,9 +94,7 @@ def _arrays(tensors: dict) -> dict[str, np.ndarray]:
     return {name: tensor.numpy() for name, tensor in tensors.items()}
 
 
-def staged_components(
-    pruned: Pruned, parts: dict[str, ExportPart], expected: dict[str, dict]
-) -> dict[str, dict[str, StagePart]]:
+def staged_components(parts: dict[str, ExportPart]) -> dict[str, dict[str, StagePart]]:
     """The policy steps of an export, each split into its prefill and decode stages (targets that lower per stage)."""
     return {
         name: policy_stages(part.module, part.inputs)
@@ -223,7 +221,7 @@ def export(
         }
         cuts = RUNTIMES[exporter.runtime].cuts_outputs
         forced_parts = {} if cuts else teacher_forced_parts(pruned, first_inputs, expected)
-        staged = staged_components(pruned, parts, expected) if exporter.lowers_policies_per_stage else {}
+        staged = staged_components(parts) if exporter.lowers_policies_per_stage else {}
         programs, forced_programs = _program_parts(parts, forced_parts, staged)
         with step(f"export {', '.join(programs)} to {target}"):
             artifacts = exporter.export_components(programs, staging, staging)
