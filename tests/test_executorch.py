@@ -54,6 +54,13 @@ STANDALONE_ET = textwrap.dedent(
 )
 
 
+def run_standalone(script: str, directory: Path) -> str:
+    """Run `script` on an export directory in a fresh interpreter; its stdout (the script must succeed)."""
+    result = subprocess.run([sys.executable, "-c", script, str(directory)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 @pytest.fixture(scope="module")
 def llava_pte(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("et") / "llava"
@@ -87,11 +94,7 @@ def test_tiny_llava_exports_verifies_and_reports_delegation(llava_pte: Path) -> 
 
 
 def test_pte_runs_in_a_separate_process_with_executorch_alone(llava_pte: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", STANDALONE_ET, str(llava_pte)], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "ran ['decode', 'prefill', 'vision']" in result.stdout
+    assert "ran ['decode', 'prefill', 'vision']" in run_standalone(STANDALONE_ET, llava_pte)
 
 
 def test_bundle_checks_itself_in_the_runtime(llava_pte: Path) -> None:
@@ -309,11 +312,7 @@ def test_a_policy_lowers_per_stage_and_verifies(policy_pte: Path, capsys, tmp_pa
 
 
 def test_a_policy_pte_runs_in_a_separate_process_by_the_documented_protocol(policy_pte: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", STANDALONE_POLICY, str(policy_pte)], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "ran ['step_decode', 'step_prefill']" in result.stdout
+    assert "ran ['step_decode', 'step_prefill']" in run_standalone(STANDALONE_POLICY, policy_pte)
 
 
 def test_the_policy_runtime_replays_the_eager_episode_from_the_pte(policy_pte: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
-from test_select_op import score_arrays  # tie-heavy scores with NaN, ±inf, ±0
+from test_select_op import _Select, score_arrays  # tie-heavy scores with NaN, ±inf, ±0
 
 from tpc.cli import main
 from tpc.exporter.onnx import StaticShapeError
@@ -24,7 +24,6 @@ from tpc.exporter.tensorrt import (
     TensorRTTarget,
     check_tensorrt_graph,
 )
-from tpc.ops import select_tokens
 from tpc.ops.reference import token_select_reference
 from tpc.ops.select import select_tokens_float32_decomposition
 from tpc.runtimes.onnxruntime import OnnxRuntime
@@ -41,15 +40,6 @@ def test_float32_lowering_keeps_the_rule_without_float64(data: st.DataObject) ->
     want_indices, want_kept = token_select_reference(scores, features, k)
     np.testing.assert_array_equal(indices.numpy(), want_indices)
     np.testing.assert_array_equal(kept.numpy(), want_kept)
-
-
-class _Select(torch.nn.Module):
-    def __init__(self, k: int) -> None:
-        super().__init__()
-        self.k = k
-
-    def forward(self, scores: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return select_tokens(scores, tokens, self.k)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from tpc.errors import RuntimeUnavailable, UsageError
 from tpc.exporter import ExportPart, get_target, runtime_for
 from tpc.exporter.bundle import write_bundle
 from tpc.exporter.manifest import ComponentSpec, Manifest, TensorSpec, write_samples
-from tpc.passes.policy_stages import StagePart, policy_stages
+from tpc.passes.policy_stages import StagePart, policy_stages, prefill_stage
 from tpc.passes.policy_step import PolicyStep
 from tpc.pipeline import Pruned, PruneRequest, as_arrays, build
 from tpc.progress import Step, silent
@@ -119,8 +119,7 @@ def _program_parts(
             programs[stage_method(name, stage)] = stage_part.part
         if name in forced_parts:
             kept = forced_parts[name].inputs[KEPT_INDICES]
-            prefill = policy_stages(part.module, part.inputs, kept_indices=kept)[PREFILL]
-            forced_programs[stage_method(name, PREFILL)] = prefill.part
+            forced_programs[stage_method(name, PREFILL)] = prefill_stage(part.module, part.inputs, kept).part
     return programs, forced_programs
 
 

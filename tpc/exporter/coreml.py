@@ -818,13 +818,12 @@ class Fp32Compute(nn.Module):
 def trace(module: nn.Module, inputs: dict[str, Tensor]) -> tuple[torch.export.ExportedProgram, str]:
     """The program coremltools converts, and the precision ('fp16'/'fp32') it is to run in.
 
-    Inputs are fresh row-major copies: an expanded sample (stride 0) reaches coremltools as a placeholder with a
-    non-contiguous dim order, which it refuses ("Core ML does not have general support for non-contiguous dim
-    order"). An fp16 module is traced as an fp32 copy behind fp16 inputs (see the module docstring and
-    `Fp32Compute`); the caller's module stays untouched.
+    `export_program` traces row-major copies of the inputs: an expanded sample (stride 0) would reach coremltools
+    as a placeholder with a non-contiguous dim order, which it refuses. An fp16 module is traced as an fp32 copy
+    behind fp16 inputs (see the module docstring and `Fp32Compute`); the caller's module stays untouched.
     """
     precision = module_precision(module, inputs)
-    tensors = {k: _dense(t) for k, t in inputs.items()}
+    tensors = inputs
     if precision == "fp16":  # fp16 inputs stay fp16 (bfloat16 ones become fp16: Core ML has no bfloat16)
         module = Fp32Compute(copy.deepcopy(module).float())
         tensors = {k: t.half() if t.dtype == torch.bfloat16 else t for k, t in tensors.items()}
@@ -907,10 +906,6 @@ class CoreMLTarget(Target):
             "neural_engine": neural_engine_report(mil),
             "versions": {"coremltools": ct.__version__},
         }
-
-
-def _dense(tensor: Tensor) -> Tensor:
-    return torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor)
 
 
 def _fp16_eligible(op: Any) -> bool:

@@ -33,8 +33,9 @@ def _constant_names(model: Any) -> set[str]:
     return names
 
 
-def check_static_graph(model: Any) -> None:
-    """Raise StaticShapeError naming the offending node or value if any shape could depend on data."""
+def check_static_graph(model: Any) -> Any:
+    """Raise StaticShapeError naming the offending node or value if any shape could depend on data; returns the
+    shape-inferred model (what other checks read types and constants from)."""
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
@@ -49,6 +50,7 @@ def check_static_graph(model: Any) -> None:
         dims = value.type.tensor_type.shape.dim
         if not value.type.tensor_type.HasField("shape") or any(not d.HasField("dim_value") for d in dims):
             raise StaticShapeError(f"value '{value.name}' has a non-static shape")
+    return inferred
 
 
 def write_onnx(

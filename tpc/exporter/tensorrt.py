@@ -86,8 +86,7 @@ def check_tensorrt_graph(model: Any) -> None:
     with a constant K <= 3840 on float or int32 input, CumSum on float input; raises naming the node."""
     import onnx
 
-    check_static_graph(model)
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = check_static_graph(model)
     types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.input, *inferred.graph.value_info]}
     types.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.output})
     types.update({init.name: init.data_type for init in inferred.graph.initializer})

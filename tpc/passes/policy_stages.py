@@ -38,7 +38,6 @@ class StepPrefill(nn.Module):
     def __init__(self, step: PolicyStep, teacher_forced: bool = False) -> None:
         super().__init__()
         self.step = step
-        self.teacher_forced = teacher_forced
         self.input_names = step.input_names + ((KEPT_INDICES,) if teacher_forced else ())
         self.output_names: tuple[str, ...] = (TOKEN, *cache_names("present", step.num_layers))
         if step.method is not None:
@@ -58,8 +57,7 @@ class StepPrefill(nn.Module):
         if kept is not None:
             outputs += (kept,)
         if step.history_tap is not None:
-            count = step.layout.image_tokens if kept is None else kept.shape[1]
-            outputs += (step.history_tap.rows[0][:, 1 : 1 + count],)
+            outputs += (step.history_tap.rows[0][:, 1 : 1 + step.keep],)
         return outputs
 
 
@@ -78,7 +76,7 @@ class StepDecode(DecodeComponent):
         )
         super().__init__(step.model, step.adapter, cache)
         self.history_tap = step.history_tap
-        self.image_slots = step.keep if step.method is not None else layout.image_tokens
+        self.image_slots = step.keep  # every image token when the step does not prune
         self.output_names = (TOKEN, *self.output_names[1:])
         if self.history_tap is not None:
             self.output_names += (ACTION_ATTENTION,)
@@ -101,20 +99,27 @@ class StagePart:
     expected: dict[str, Tensor]
 
 
-def policy_stages(
-    step: PolicyStep, inputs: dict[str, Tensor], kept_indices: Tensor | None = None
-) -> dict[str, StagePart]:
-    """The step's prefill and decode as parts to export, with example inputs chained from `inputs` (decode's are
-    the prefill's first token and cache). `kept_indices`: teacher-force the prefill with them (an extra input)."""
+def prefill_stage(step: PolicyStep, inputs: dict[str, Tensor], kept_indices: Tensor | None = None) -> StagePart:
+    """The step's prefill as a part to export, with its eager outputs. `kept_indices`: teacher-force it with them
+    (an extra input)."""
     forced = kept_indices is not None
     prefill = StepPrefill(step, teacher_forced=forced).eval()
     prefill_inputs = {**inputs, KEPT_INDICES: kept_indices} if forced else dict(inputs)
-    prefill_expected = _run(prefill, prefill_inputs)
+    return StagePart(ExportPart(prefill, prefill_inputs, prefill.output_names), _run(prefill, prefill_inputs))
+
+
+def policy_stages(step: PolicyStep, inputs: dict[str, Tensor]) -> dict[str, StagePart]:
+    """The step's prefill and decode as parts to export; decode's example inputs are the prefill's first token
+    and cache."""
+    prefill = prefill_stage(step, inputs)
     decode = StepDecode(step).eval()
-    past = as_past(prefill_expected)
-    decode_inputs = {"input_ids": prefill_expected[TOKEN], "step": torch.zeros(1, dtype=torch.int64), **past}
+    decode_inputs = {
+        "input_ids": prefill.expected[TOKEN],
+        "step": torch.zeros(1, dtype=torch.int64),
+        **as_past(prefill.expected),
+    }
     return {
-        PREFILL: StagePart(ExportPart(prefill, prefill_inputs, prefill.output_names), prefill_expected),
+        PREFILL: prefill,
         DECODE: StagePart(ExportPart(decode, decode_inputs, decode.output_names), _run(decode, decode_inputs)),
     }
 
