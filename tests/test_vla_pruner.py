@@ -1,4 +1,4 @@
-"""VLA-Pruner's functional API against the golden 8-step episode (methods.md §2, shared/golden/README.md)."""
+"""VLA-Pruner's functional API against the golden 8-step episode (docs/methods.md, shared/golden/README.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""VLA-Pruner's static-shape implementation against an eager port of the reference algorithm (methods.md §2.2-§2.9).
+"""VLA-Pruner's static-shape implementation against an eager port of the reference algorithm (spec §2.2-§2.9).
 
 The golden file pins one episode (seed 0). This test replays other seeded episodes, both score criteria, keep
 128/64/32 and both guide dtypes (float32, and the reference's explicit bfloat16 cast, with bf16-valued inputs

@@ -65,7 +65,7 @@ def export(
     prompt_len: int | None = None,
     max_new_tokens: int | None = None,
 ) -> ExportResult:
-    """Export and (by default) verify; raises `tpc.exporting.VerificationFailed` on a mismatch.
+    """Export and (by default) verify; raises `tpc.errors.VerificationFailed` on a mismatch.
 
     A VLM export is run with `tpc.runtimes.VLM.load(output).generate(pixel_values, input_ids)`."""
     from tpc.exporting import export as run_export
@@ -74,7 +74,7 @@ def export(
     return run_export(request, target, Path(output), force, verify)
 
 
-def verify(directory: str | Path, samples: int = 4, inputs: str | Path | None = None) -> VerifyReport:
+def verify(directory: str | Path, samples: int | None = None, inputs: str | Path | None = None) -> VerifyReport:
     """Compare an export, run in its runtime, with the eager pruned model."""
     from tpc.verification import verify as run_verify
 

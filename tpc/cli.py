@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,7 +16,23 @@ from rich.console import Console
 from rich.table import Table
 from typer.exceptions import TyperException  # base of typer's (vendored click) usage errors
 
-from tpc.errors import UsageError
+from tpc.errors import UsageError, VerificationFailed
+
+
+def _plain_argument_help() -> None:
+    """Show arguments as click does (`tpc export [OPTIONS] MODEL`, `MODEL  local ... directory`), not typer 0.29's
+    `{MODEL}` with a `<str>` type: the metavar already says what to pass."""
+    from typer.core import TyperArgument
+
+    def usage_name(self: TyperArgument) -> str:
+        name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+    TyperArgument._usage_display_name = usage_name  # type: ignore[method-assign]
+    TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
+
+
+_plain_argument_help()
 
 app = typer.Typer(
     add_completion=False,
@@ -27,20 +44,71 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
-EXIT_USAGE, EXIT_MISMATCH = 2, 1
+
+@app.callback(epilog="Exit codes: 0 success, 1 the export drifts from eager, 2 bad input or I/O, 130 interrupted.")
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="show the traceback of a failure (also TPC_DEBUG=1); anywhere on the line")
+    ] = False,
+) -> None:
+    """`--debug` is read by `main` wherever it stands; declared here so that `tpc --help` lists it."""
+
+
+EXIT_DRIFT, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def _quiet_libraries() -> None:
-    """Nothing is ever downloaded, and library chatter would bury tpc's own report."""
+    """Nothing is ever downloaded, and library chatter would bury tpc's own report: Python warnings and library
+    logs go to tpc's log file (`$TPC_CACHE_DIR/tpc.log`), progress bars are off. Imports nothing heavy."""
+    global _QUIETED
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore")
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    logging.getLogger("onnxscript").setLevel(logging.ERROR)
-    import transformers
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TORCH_LOGS", "-onnx")  # torch resets its loggers' levels at import; this sticks
+    if _QUIETED:
+        return
+    _QUIETED = True
+    warnings.simplefilter("ignore")
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    root.setLevel(logging.WARNING)
+    try:
+        handler: logging.Handler = logging.FileHandler(log_path(), delay=True)
+    except OSError:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    for noisy in ("torch.onnx", "onnxscript", "coremltools", "torchao", "torch.utils._pytree", "executorch"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+
+_QUIETED = False
+
+
+def log_path() -> Path:
+    """Where library noise goes: the cache directory's `tpc.log` (created on first write)."""
+    root = Path(os.environ.get("TPC_CACHE_DIR") or Path.home() / ".cache" / "tpc")
+    root.mkdir(parents=True, exist_ok=True)
+    return root / "tpc.log"
+
+
+def native_output_to_log() -> None:
+    """Send what C/C++ libraries write to file descriptors 1 and 2 (cpuinfo, ONNX Runtime, ExecuTorch) to the log,
+    and keep Python's `sys.stdout`/`sys.stderr` (tpc's tables and lines, typer's help and usage errors) on the
+    terminal. The real CLI only: in-process callers keep their streams."""
+    try:
+        log = os.open(log_path(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError:
+        return
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        getattr(sys, name).flush()
+        terminal = os.dup(fd)
+        stream = open(terminal, "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+        setattr(sys, name, stream)
+        os.dup2(log, fd)
+    os.close(log)
 
 
 def _parse_params(items: list[str]) -> dict[str, str]:
@@ -58,16 +126,37 @@ def _write_json(path: Path | None, data: dict[str, Any]) -> None:
         path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def check_json_path(path: Path | None, *exports: Path) -> None:
+    """`--json FILE` must be writable, and not inside an export (it would change a hashed file), before any work."""
+    if path is None:
+        return
+    target = Path(os.path.abspath(path))
+    if target.is_dir():
+        raise UsageError(f"--json '{path}' is a directory; pass a file name")
+    for export_dir in exports:
+        if Path(os.path.abspath(export_dir)) in target.parents:
+            raise UsageError(f"--json '{path}' is inside the export '{export_dir}'; write the report outside it")
+    if not target.parent.is_dir():
+        raise UsageError(f"--json '{path}': directory '{target.parent}' does not exist; create it first")
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"--json '{path}' is not writable; choose another path")
+
+
 def _render_verify(report: Any) -> None:
     atol = f"{report.atol} x max|eager|" if report.atol_scaled_by_max else f"{report.atol}"
-    table = Table(title=f"verify: {report.runtime}, {report.samples} samples (atol {atol}, rtol {report.rtol})")
-    for column in ("check", "max abs", "max rel", "ok"):
-        table.add_column(column)
-    agree = report.kept_rows_agreeing == report.kept_rows
-    table.add_row("kept_indices equal", "", "", f"{report.kept_rows_agreeing}/{report.kept_rows} {_mark(agree)}")
+    rule = f"pass: {report.rule}, atol {atol}, rtol {report.rtol}; margin = max |a-b| / (atol + rtol*|b|) <= 1"
+    table = Table(title=f"verify: {report.runtime}, {report.samples} samples\n{rule}")
+    for column in ("check", "max abs", "margin", "ok"):
+        table.add_column(column, overflow="fold")
+    for check in report.shipped:
+        detail = f" — {check.detail}" if check.detail else ""
+        table.add_row(f"shipped: {check.check}{detail}", "", "", _mark(check.passed))
+    for name, (agreeing, rows) in report.kept.items():
+        per = f"{report.samples} samples" + (f" x batch {rows // report.samples}" if rows != report.samples else "")
+        table.add_row(f"{name} equal ({per})", "", "", f"{agreeing}/{rows} {_mark(agreeing == rows)}")
     for prefix, diffs in (("", report.outputs), ("teacher-forced ", report.teacher_forced)):
         for name, diff in _group_cache(diffs).items():
-            table.add_row(f"{prefix}{name}", f"{diff.max_abs:.3g}", f"{diff.max_rel:.3g}", _mark(diff.passed))
+            table.add_row(f"{prefix}{name}", f"{diff.max_abs:.3g}", f"{diff.margin:.3g}", _mark(diff.passed))
     if report.generation is not None:
         g = report.generation
         label = f"greedy generation, {g.new_tokens} tokens x {g.samples} prompts"
@@ -80,9 +169,9 @@ def _render_verify(report: Any) -> None:
         )  # fmt: skip
         if e.history is not None:
             h = e.history
-            table.add_row("episodes: carried history", f"{h.max_abs:.3g}", f"{h.max_rel:.3g}", _mark(h.passed))
+            table.add_row("episodes: carried history", f"{h.max_abs:.3g}", f"{h.margin:.3g}", _mark(h.passed))
     out.print(table)
-    out.print(("[green]PASS[/green] " if report.passed else "[red]FAIL[/red] ") + report.diagnosis)
+    out.print(("[green]PASS[/green] " if report.passed else "[red]FAIL[/red] ") + report.diagnosis, soft_wrap=True)
 
 
 def _render_policy_plan(plan: dict[str, Any]) -> None:
@@ -115,10 +204,19 @@ def _render_export(directory: Path, json_path: Path | None) -> None:
         f"({info['dtype']}); visual tokens {tokens['before']} -> {tokens['after']}"
     )
     verification = info["verification"] or {}
-    if verification.get("skipped"):
-        out.print(f"verification: skipped ({verification['skipped']})", soft_wrap=True)
+    changed = info["changed_files"]
+    if changed:  # the recorded result is about other files: never show it as this directory's
+        listed = ", ".join(changed[:5]) + (f" (and {len(changed) - 5} more)" if len(changed) > 5 else "")
+        recorded = "skipped" if verification.get("skipped") else "passed" if verification.get("passed") else "failed"
+        out.print(
+            f"verification: [red]void[/red], {len(changed)} files changed since export ({listed}); it {recorded} "
+            "at export on the files then (run `tpc verify`)",
+            soft_wrap=True,
+        )
+    elif verification.get("skipped"):
+        out.print(f"verification: skipped at export ({verification['skipped']})", soft_wrap=True)
     elif verification:
-        out.print(f"verification: {'passed' if verification.get('passed') else 'FAILED'}")
+        out.print(f"verification: {'passed' if verification.get('passed') else 'FAILED'} at export")
     for component in info["components"]:
         where = f"{component['artifact']}" + (f" method {component['method']}" if component["method"] else "")
         out.print(f"\n[bold]{component['name']}[/bold] ({where})")
@@ -130,7 +228,7 @@ def _render_export(directory: Path, json_path: Path | None) -> None:
             if key in graph:
                 out.print(f"  {title}: " + ", ".join(f"{op} {n}" for op, n in graph[key].items()), soft_wrap=True)
         if graph.get("neural_engine"):
-            out.print(f"  off the Neural Engine: {graph['neural_engine']}", soft_wrap=True)
+            _render_neural_engine(graph["neural_engine"])
 
 
 def _render_delegation(report: dict[str, Any]) -> None:
@@ -144,6 +242,18 @@ def _render_delegation(report: dict[str, Any]) -> None:
         table.add_column(column, no_wrap=column != "why portable")
     for op, row in report["ops"].items():
         table.add_row(op, str(row["delegated"]), str(row["portable"]), "; ".join(row["why"]))
+    out.print(table)
+
+
+def _render_neural_engine(report: dict[str, Any]) -> None:
+    """Core ML: the ops not expected on the Neural Engine, one row per op type (a static estimate)."""
+    total = sum(int(row.get("count", 0)) for row in report.values())
+    out.print(f"  off the Neural Engine (static estimate): {total} ops of {len(report)} types")
+    table = Table(show_edge=False, pad_edge=False)
+    for column in ("op", "count", "why off the Neural Engine", "source"):
+        table.add_column(column, no_wrap=column in ("op", "count"))
+    for op, row in report.items():
+        table.add_row(op, str(row.get("count", "")), str(row.get("reason", "")), str(row.get("source", "")))
     out.print(table)
 
 
@@ -163,28 +273,34 @@ def _mark(ok: bool) -> str:
 
 @app.command()
 def export(
-    model: Annotated[str, typer.Argument(help="local Hugging Face model directory, or zoo:NAME")],
-    method: Annotated[str, typer.Option(help="pruning method (see `tpc methods`); none = unpruned baseline")],
-    output: Annotated[Path, typer.Option(help="export directory to create")],
-    keep: Annotated[int | None, typer.Option(help="number of visual tokens to keep (K)")] = None,
-    target: Annotated[str, typer.Option(help="onnx | tensorrt | executorch | coreml")] = "onnx",
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="local Hugging Face model directory, or zoo:NAME")],
+    method: Annotated[
+        str, typer.Option(metavar="METHOD", help="pruning method (see `tpc methods`); none = unpruned baseline")
+    ],
+    output: Annotated[Path, typer.Option(metavar="DIR", help="export directory to create")],
+    keep: Annotated[int | None, typer.Option(metavar="K", help="number of visual tokens to keep")] = None,
+    target: Annotated[str, typer.Option(metavar="TARGET", help="onnx | tensorrt | executorch | coreml")] = "onnx",
     param: Annotated[
         list[str] | None,
-        typer.Option(help="method/model parameter NAME=VALUE (repeatable); tensorrt: trt_select=native|plugin"),
+        typer.Option(
+            metavar="NAME=VALUE", help="method/model parameter (repeatable); tensorrt: trt_select=native|plugin"
+        ),
     ] = None,
-    dtype: Annotated[str, typer.Option(help="fp32 | fp16")] = "fp32",
+    dtype: Annotated[str, typer.Option(metavar="DTYPE", help="fp32 | fp16")] = "fp32",
     prompt_len: Annotated[
-        int | None, typer.Option(help="VLMs: text tokens of the static prompt (default: the chat template's)")
+        int | None,
+        typer.Option(metavar="N", help="VLMs, policies: text tokens of the static prompt (default: the template's)"),
     ] = None,
     max_new_tokens: Annotated[
-        int | None, typer.Option(help="VLMs: tokens the static KV cache has room for (default 32)")
+        int | None, typer.Option(metavar="N", help="VLMs: tokens the static KV cache has room for (default 32)")
     ] = None,
-    batch: Annotated[int, typer.Option(help="static batch size of the exported graph")] = 1,
-    samples: Annotated[int, typer.Option(help="inputs compared by the verification")] = 4,
+    batch: Annotated[int, typer.Option(metavar="N", help="static batch size of the exported graph (1..64)")] = 1,
+    samples: Annotated[int, typer.Option(metavar="N", help="inputs compared by the verification (1..64)")] = 4,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output directory")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip the eager-vs-export check")] = False,
     compute_units: Annotated[
-        str | None, typer.Option(help="coreml: all | cpu_and_gpu | cpu_only | cpu_and_ne (default all)")
+        str | None,
+        typer.Option(metavar="UNITS", help="coreml: all | cpu_and_gpu | cpu_only | cpu_and_ne (default all)"),
     ] = None,
     bundle: Annotated[
         bool, typer.Option("--bundle", help="executorch: also write bundle/ for executor_runner and benchmark apps")
@@ -209,18 +325,28 @@ def export(
     manifest = result.manifest
     tokens = manifest.tokens
     parts = ", ".join(dict.fromkeys(c.artifact for c in manifest.components))
-    out.print(
-        f"wrote {result.directory} ({parts}: {tokens['before']} -> {tokens['after']} visual tokens, "
-        f"pruned at the {tokens['stage']} stage, {target})"
+    pruning = (
+        f"{tokens['before']} visual tokens, unpruned baseline"
+        if manifest.method == "none"
+        else f"{tokens['before']} -> {tokens['after']} visual tokens, pruned at the {tokens['stage']} stage"
     )
+    out.print(f"wrote {result.directory} ({parts}: {pruning}, {target})")
 
 
 @app.command()
 def verify(
-    directory: Annotated[Path, typer.Argument(help="a directory written by `tpc export`")],
-    samples: Annotated[int, typer.Option(help="number of seeded inputs (the first is samples/inputs.npz)")] = 4,
-    inputs: Annotated[Path | None, typer.Option(help=".npz of your own inputs, keyed by input name")] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON")] = None,
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="a directory written by `tpc export`")],
+    samples: Annotated[
+        int | None,
+        typer.Option(metavar="N", help="seeded inputs, 1..64 (default 4; the first is the shipped sample)"),
+    ] = None,
+    inputs: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", help=".npz of your own inputs, keyed by input name (not with --samples)"),
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", metavar="FILE", help="also write the report as JSON")
+    ] = None,
     allow_skip: Annotated[
         bool,
         typer.Option("--allow-skip", help="exit 0 when the runtime cannot run here (Core ML off macOS), saying so"),
@@ -232,38 +358,56 @@ def verify(
     from tpc.verification import skipped_verification
     from tpc.verification import verify as run_verify
 
+    check_json_path(json_path, directory)
     try:
         report = run_verify(directory, samples, inputs, step=rich_steps(err))
     except RuntimeUnavailable as unavailable:
         if not allow_skip:
             raise
-        out.print(f"[yellow]SKIPPED[/yellow] {unavailable}", soft_wrap=True)
-        _write_json(json_path, skipped_verification(str(unavailable)))
+        reason = getattr(unavailable, "reason", str(unavailable))
+        reason = reason.split(", or pass --allow-skip")[0]  # it was passed: no advice to pass it
+        ran = getattr(unavailable, "ran", [])
+        out.print(f"[yellow]SKIPPED[/yellow] the runtime check: {reason}", soft_wrap=True)
+        if ran:
+            out.print(f"checks that ran here and passed ({len(ran)}):", soft_wrap=True)
+            for check in ran:
+                out.print(f"  {check}", soft_wrap=True)
+        else:
+            out.print("no check ran here")
+        _write_json(json_path, {**skipped_verification(reason), "ran": ran})
         return
     _render_verify(report)
     _write_json(json_path, report.to_dict())
     if not report.passed:
-        raise typer.Exit(EXIT_MISMATCH)
+        raise typer.Exit(EXIT_DRIFT)
 
 
 @app.command()
 def profile(
-    directory: Annotated[Path, typer.Argument(help="a directory written by `tpc export`")],
-    runs: Annotated[int, typer.Option(help="timed runs")] = 50,
-    warmup: Annotated[int, typer.Option(help="untimed runs first")] = 5,
-    baseline: Annotated[Path | None, typer.Option(help="another export, timed alternately with this one")] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="also write the report as JSON")] = None,
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="a directory written by `tpc export`")],
+    runs: Annotated[int, typer.Option(metavar="N", help="timed runs (1..100000)")] = 50,
+    warmup: Annotated[int, typer.Option(metavar="N", help="untimed runs first (0..10000)")] = 5,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(metavar="DIR", help="an export of the same model and inputs, timed alternately with this one"),
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", metavar="FILE", help="also write the report as JSON")
+    ] = None,
     etdump: Annotated[
-        Path | None, typer.Option(help="executorch: read this ETDump recorded on a device instead of timing here")
+        Path | None,
+        typer.Option(metavar="FILE", help="executorch: read this ETDump recorded on a device instead of timing here"),
     ] = None,
     method: Annotated[
-        str | None, typer.Option(help="--etdump: the method it recorded (default: the file's stem, else the first)")
+        str | None,
+        typer.Option(metavar="NAME", help="--etdump: the method it recorded (default: the file stem, or the first)"),
     ] = None,
-    tick_ns: Annotated[float, typer.Option(help="--etdump: nanoseconds per ETDump tick")] = 1.0,
+    tick_ns: Annotated[float, typer.Option(metavar="NS", help="--etdump: nanoseconds per ETDump tick")] = 1.0,
 ) -> None:
     """Latency of an export in its runtime (median, p90), and the speedup over a baseline export."""
     from tpc.profiling import profile as run_profile
 
+    check_json_path(json_path, directory)
     if etdump is not None:
         _render_etdump(directory, etdump, method, tick_ns, json_path)
         return
@@ -307,13 +451,24 @@ def _render_etdump(directory: Path, etdump: Path, method: str | None, tick_ns: f
 
 @app.command()
 def inspect(
-    model: Annotated[str, typer.Argument(help="zoo:NAME or a model directory (the plan), or an export directory")],
-    method: Annotated[str, typer.Option(help="pruning method")] = "hiprune",
-    keep: Annotated[int | None, typer.Option(help="visual tokens to keep (default: a quarter of them)")] = None,
-    param: Annotated[list[str] | None, typer.Option(help="NAME=VALUE (repeatable)")] = None,
-    batch: Annotated[int, typer.Option(help="batch size")] = 1,
-    prompt_len: Annotated[int | None, typer.Option(help="VLMs: text tokens of the static prompt")] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="also write the plan as JSON")] = None,
+    model: Annotated[
+        str,
+        typer.Argument(metavar="MODEL", help="zoo:NAME or a model directory (the plan), or an export directory"),
+    ],
+    method: Annotated[str, typer.Option(metavar="METHOD", help="pruning method")] = "hiprune",
+    keep: Annotated[
+        int | None, typer.Option(metavar="K", help="visual tokens to keep (default: a quarter of them)")
+    ] = None,
+    param: Annotated[
+        list[str] | None, typer.Option(metavar="NAME=VALUE", help="method/model parameter (repeatable)")
+    ] = None,
+    batch: Annotated[int, typer.Option(metavar="N", help="batch size (1..64)")] = 1,
+    prompt_len: Annotated[
+        int | None, typer.Option(metavar="N", help="VLMs, policies: text tokens of the static prompt")
+    ] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", metavar="FILE", help="also write the plan as JSON")
+    ] = None,
 ) -> None:
     """The plan: taps, prune point, tokens and FLOPs before/after (reads the config only); for an export
     directory, its components, shapes and the target's report (ExecuTorch delegation, Core ML ops)."""
@@ -321,7 +476,9 @@ def inspect(
     from tpc.inspect import describe
     from tpc.pipeline import PruneRequest
 
-    if (Path(model) / MANIFEST_FILE).is_file():
+    is_export = (Path(model) / MANIFEST_FILE).is_file()
+    check_json_path(json_path, *([Path(model)] if is_export else []))
+    if is_export:
         _render_export(Path(model), json_path)
         return
 
@@ -353,7 +510,7 @@ def inspect(
     )
     if "prompt" not in plan:
         out.print(
-            f"encoder GFLOPs: {flops['encoder_full'] / 1e9:.3f} full -> {flops['pruned_graph'] / 1e9:.3f} pruned graph"
+            f"encoder GFLOPs: {flops['encoder_full'] / 1e9:.3f} full -> {flops['pruned_graph'] / 1e9:.3f} exported"
         )
     else:
         for tap in plan["prefill_taps"]:
@@ -372,55 +529,104 @@ def inspect(
 
 @app.command()
 def methods() -> None:
-    """The methods and the model families each applies to."""
-    from tpc.methods import REGISTRY
-    from tpc.models_zoo import FAMILIES
+    """The methods, the model families each applies to, and their parameters (default, valid values)."""
+    from rich.text import Text
 
-    table = Table(title="methods")
+    from tpc.methods import REGISTRY
+    from tpc.models_zoo import FAMILY_KINDS, accepts_method
+
+    def shown(param: Any) -> str:  # alpha=0.1 in (0, 1]; seed=0 (>= 0); object_layer=auto (encoder layer)
+        default = "auto" if param.default is None else param.default
+        domain = f" in {param.domain}" if param.domain[0] in "([" else f" ({param.domain})"
+        return f"{param.name}={default}{domain}"
+
+    table = Table(title="methods (--param NAME=VALUE; auto: derived from the model)")
     for column in ("method", "stage", "families", "parameters", "what it keeps", "reference"):
         table.add_column(column, no_wrap=column in ("method", "stage"))
     for method in REGISTRY.values():
-        families = ", ".join(name for name, adapter in FAMILIES.items() if adapter.accepts(method))
-        params = ", ".join(f"{p.name}={p.default}" for p in method.params) or "-"
-        table.add_row(method.name, method.stage, families, params, method.summary, method.reference)
+        families = ", ".join(name for name, kind in FAMILY_KINDS.items() if accepts_method(kind, method))
+        params = "\n".join(shown(p) for p in method.params) or "-"
+        cells = (method.name, method.stage, families, params, method.summary, method.reference)
+        table.add_row(*(Text(cell) for cell in cells))
     out.print(table)
 
 
 @app.command()
 def zoo() -> None:
     """The built-in models (random-initialised, architecture-faithful)."""
-    from tpc.models_zoo import FAMILIES, ZOO
+    from tpc.models_zoo import ZOO
 
     table = Table(title="zoo (use as zoo:NAME)")
     for column in ("name", "family", "tokens", "layers", "description"):
         table.add_column(column)
-    for entry in ZOO.values():
-        geometry = FAMILIES[entry.family].geometry(entry.make_config())
-        tokens = f"{geometry.num_patches} + {geometry.prefix_tokens}"
-        table.add_row(entry.name, entry.family, tokens, str(geometry.num_layers), entry.summary)
+    for entry in ZOO.values():  # declared by each entry: listing makes no config (no transformers)
+        table.add_row(entry.name, entry.family, f"{entry.patches} + {entry.prefix}", str(entry.layers), entry.summary)
     out.print(table)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: usage problems -> `error: ...` on one line and exit 2; a failed verification -> exit 1."""
-    from tpc.exporting import VerificationFailed
+def one_line(text: str) -> str:
+    """A message as the single line the contract promises."""
+    return " ".join(str(text).split()) or "(no message)"
 
+
+def _fail(message: str, code: int) -> int:
+    err.print(f"error: {one_line(message)}", markup=False, highlight=False, soft_wrap=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code: 0 success; 1 only when an export drifts from eager; 2 for every usage,
+    input, file, environment or I/O problem (one `error: ...` line); 130 when interrupted. A traceback only with
+    `TPC_DEBUG=1` or `--debug`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("TPC_DEBUG", "") not in ("", "0") or "--debug" in args
+    args = [arg for arg in args if arg != "--debug"]
     _quiet_libraries()
     try:
-        code = app(args=argv, standalone_mode=False)
-    except (UsageError, TyperException) as error:
-        message = error.format_message() if hasattr(error, "format_message") else str(error)
-        err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-        return EXIT_USAGE
-    except (typer.Abort, KeyboardInterrupt):
-        err.print("aborted")
-        return EXIT_USAGE
+        code = app(args=args, prog_name="tpc", standalone_mode=False)
+    except (KeyboardInterrupt, typer.Abort):
+        err.print("aborted", markup=False, highlight=False)
+        return EXIT_INTERRUPTED
+    except typer.Exit as done:
+        code = done.exit_code
+    except SystemExit as done:  # typer exits 1 on a broken pipe; 1 means drift, and this is an I/O problem
+        return EXIT_USAGE if done.code == 1 else int(done.code or 0)
     except VerificationFailed as failure:
         _render_verify(failure.report)
-        err.print("error: the export does not match eager PyTorch; nothing was written (see the table above)")
-        return EXIT_MISMATCH
+        return _fail("the export does not match eager PyTorch; nothing was written (see the table above)", EXIT_DRIFT)
+    except (UsageError, TyperException) as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # bare `tpc`: the help, as `tpc --help` shows it
+            out.print(error.format_message(), markup=False, highlight=False)
+            return 0
+        if debug:
+            traceback.print_exc()
+        if isinstance(error, TyperException):
+            return _fail(f"{error.format_message()} (see `tpc --help` and `tpc COMMAND --help`)", EXIT_USAGE)
+        return _fail(str(error), EXIT_USAGE)
+    except Exception as error:  # the contract: exit 2 and one line, whatever failed underneath
+        if debug:
+            traceback.print_exc()
+        return _fail(describe_failure(error), EXIT_USAGE)
+    if code == EXIT_INTERRUPTED:  # typer returns 130 for a Ctrl-C (or SIGTERM) inside a command
+        err.print("aborted", markup=False, highlight=False)
     return code if isinstance(code, int) else 0
 
 
+def describe_failure(error: BaseException) -> str:
+    """One line for a failure that is not a UsageError: what failed, and what to do."""
+    if isinstance(error, MemoryError):
+        return "out of memory; export a smaller --batch or model, or free memory (TPC_DEBUG=1 shows where)"
+    if isinstance(error, OSError) and error.strerror:
+        where = f" '{error.filename}'" if error.filename else ""
+        return f"{error.strerror}{where}; check the path and its permissions (TPC_DEBUG=1 shows where)"
+    detail = one_line(str(error))[:300]
+    return (
+        f"{type(error).__name__}: {detail} — the input may be malformed or unsupported; rerun with TPC_DEBUG=1 for "
+        "the traceback and report it if the input is valid"
+    )
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from tpc.__main__ import main as entry
+
+    sys.exit(entry())

@@ -1,12 +1,14 @@
-"""Errors a user can act on.
+"""The failures tpc reports, and the exit code each one means (see the README's contract).
 
-Every failure caused by the user's input (a name, a number, a path) is a `UsageError`: the CLI prints its
-message as one line and exits 2. Anything else is a bug in tpc and keeps its traceback.
+A failure caused by the user's input or environment (a name, a number, a path, a file) is a `UsageError`: the CLI
+prints its message as one line and exits 2. `VerificationFailed`, an export that drifts from eager, is the only
+failure that exits 1. Anything else also exits 2 with one line; `TPC_DEBUG=1` shows its traceback.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 
 class UsageError(Exception):
@@ -24,3 +26,11 @@ class RuntimeUnavailable(UsageError):
 
     `tpc verify --allow-skip` accepts such an export on the checks that could run; without it, exit 2.
     """
+
+
+class VerificationFailed(Exception):
+    """The export ran but does not match eager (exit 1); carries the verification report."""
+
+    def __init__(self, report: Any) -> None:
+        super().__init__(report.diagnosis)
+        self.report = report

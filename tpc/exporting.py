@@ -1,15 +1,14 @@
 """`tpc export`: build the pruned model, export it for a target, write samples and manifest, verify, commit.
 
 Nothing is left half-written: everything goes to a staging directory beside the output, which is renamed into
-place only when the export (and, by default, its verification) succeeded. An existing output is replaced
-only with `force`.
+place only when the export (and, by default, its verification) succeeded (`tpc.outputs` keeps that step atomic
+and refuses outputs that must never be replaced).
 """
 
 from __future__ import annotations
 
 import platform
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,11 @@ import transformers
 from torch import nn
 
 import tpc
-from tpc.errors import RuntimeUnavailable, UsageError
+from tpc.errors import RuntimeUnavailable, UsageError, VerificationFailed
 from tpc.exporter import ExportPart, get_target, runtime_for
 from tpc.exporter.bundle import write_bundle
 from tpc.exporter.manifest import ComponentSpec, Manifest, TensorSpec, write_samples
+from tpc.outputs import absolute, check_output, commit, recover, staging_dir
 from tpc.passes.policy_stages import StagePart, policy_stages, prefill_stage
 from tpc.passes.policy_step import PolicyStep
 from tpc.pipeline import Pruned, PruneRequest, as_arrays, build
@@ -33,20 +33,13 @@ from tpc.runtimes.base import KEPT_INDICES
 from tpc.runtimes.staged import PREFILL, STAGES_PROTOCOL, stage_method
 from tpc.verification import (
     VerifyReport,
+    check_samples,
     eager_outputs,
     skipped_verification,
     verify,
     write_episode_sample,
     write_generation_sample,
 )
-
-
-class VerificationFailed(Exception):
-    """The export ran but does not match eager; carries the report."""
-
-    def __init__(self, report: VerifyReport) -> None:
-        super().__init__(report.diagnosis)
-        self.report = report
 
 
 @dataclass
@@ -123,24 +116,6 @@ def _program_parts(
     return programs, forced_programs
 
 
-def _check_output(output: Path, force: bool) -> None:
-    if output.exists() and not force:
-        raise UsageError(f"output '{output}' already exists; pass --force to replace it")
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"output '{output}' is a file, not a directory; remove it or choose another --output")
-
-
-def _commit(staging: Path, output: Path) -> None:
-    """Move the finished staging directory into place, replacing an old output only at the last moment."""
-    if output.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        output.rename(retired / output.name)
-        staging.rename(output)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(output)
-
-
 def _manifest(pruned: Pruned, target_name: str, components: list[ComponentSpec], versions: dict) -> Manifest:
     plan = pruned.plan
     geometry = pruned.source.geometry
@@ -183,6 +158,16 @@ def _manifest(pruned: Pruned, target_name: str, components: list[ComponentSpec],
     )
 
 
+def protected_paths(model: str) -> list[tuple[str, Path]]:
+    """Directories an export may never replace besides the working and home directories: the model's own."""
+    from tpc.models_zoo import ZOO_PREFIX
+    from tpc.models_zoo.zoo import cache_root
+
+    if model.startswith(ZOO_PREFIX):
+        return [("tpc's model cache", cache_root())]
+    return [("the model directory", absolute(model))]
+
+
 def export(
     request: PruneRequest,
     target: str,
@@ -200,17 +185,19 @@ def export(
     write the phone benchmark bundle (`tpc.exporter.bundle`). Where the target's runtime cannot run on this
     machine (Core ML off macOS), the export keeps its conversion checks and records the skipped run.
     """
-    output = Path(output).expanduser().resolve()
+    output = absolute(output)
+    check_samples(samples)
     exporter = get_target(target, **(target_options or {}))
     exporter.check_installed()
     if bundle and target != "executorch":
         raise UsageError(f"--bundle applies to --target executorch (an ExecuTorch benchmark bundle), not '{target}'")
-    _check_output(output, force)
-    with step(f"load {request.model} and insert {request.method} prune point"):
+    recover(output)  # first: a killed --force export's old output is put back before the existence check
+    protected = protected_paths(request.model)
+    check_output(output, force, protected, protected)
+    what = "(the unpruned baseline)" if request.method == "none" else f"and insert the {request.method} prune point"
+    with step(f"load {request.model} {what}"):
         pruned = build(request)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tpc-", dir=output.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
+    staging = staging_dir(output)
     try:
         first_inputs = as_arrays(pruned.samples(seed=0))
         expected = {name: eager_outputs(c, first_inputs[name]) for name, c in pruned.components.items()}
@@ -269,10 +256,10 @@ def export(
             write_generation_sample(staging, pruned)
         if manifest.policy is not None:
             write_episode_sample(staging, pruned)
-        manifest.write(staging)
         if bundle:
             with step("write the phone benchmark bundle"):
                 write_bundle(staging, manifest)
+        manifest.write(staging)  # records the sha256 of every file written so far
         report, skipped = None, None
         if run_verify:
             try:
@@ -285,7 +272,7 @@ def export(
             manifest.write(staging)
             if report is not None and not report.passed:
                 raise VerificationFailed(report)
-        _commit(staging, output)
+        commit(staging, output, force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(output, manifest, report, skipped)

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tpc.exporter.manifest import Manifest
+from tpc.exporter.manifest import Manifest, changed_files
 from tpc.models_zoo import resolve
 from tpc.passes.attention_tap import ReceivedAttention
 from tpc.pipeline import Plan, PruneRequest, plan
@@ -63,9 +63,12 @@ def describe(request: PruneRequest) -> dict[str, Any]:
     }
     if isinstance(the_plan, Plan):
         full_encoder = geometry.num_layers * geometry.layer_flops(seq)
+        point = f"after encoder layer {the_plan.feature_layer} (the feature layer), before the projector"
+        if not the_plan.method.prunes:
+            point = f"none: unpruned baseline (every patch token of encoder layer {the_plan.feature_layer} is kept)"
         return {
             **description,
-            "prune_point": f"after encoder layer {the_plan.feature_layer} (the feature layer), before the projector",
+            "prune_point": point,
             "tokens": {"before": geometry.num_patches, "after": the_plan.keep},
             "flops": {"encoder_full": full_encoder, "pruned_graph": cut.depth * geometry.layer_flops(seq)},
             "downstream_token_ratio": the_plan.keep / geometry.num_patches,
@@ -77,7 +80,10 @@ def _describe_vlm(the_plan: Any) -> dict[str, Any]:
     """The decoder side of a VLM plan: prompt and cache layout, the prefill tap, FLOPs against the unpruned model."""
     unpruned = plan(replace(the_plan.request, method="none", keep=None, params={}), the_plan.source)
     cache, prompt = the_plan.cache, the_plan.prompt
-    if the_plan.prunes_in_prefill:
+    if not the_plan.method.prunes:
+        point = "none: unpruned baseline (the projector and the decoder see every image token)"
+        prefill_taps = []
+    elif the_plan.prunes_in_prefill:
         layer = the_plan.method.prune_layer(the_plan.method_params)
         point = f"inside the prefill, before decoder layer {layer} (layers 0..{layer - 1} see every token)"
         prefill_taps = [{"layer": layer - 1, "stack": "decoder", "reduction": "last prompt token's row, head mean"}]
@@ -141,8 +147,10 @@ def _describe_policy(request: PruneRequest, source: Any) -> dict[str, Any]:
 
 def describe_export(directory: Path) -> dict[str, Any]:
     """An export directory as plain data: what it holds, its static I/O, and each component's target report
-    (the ExecuTorch delegation table, Core ML's MIL ops and Neural Engine notes, ONNX op counts)."""
+    (the ExecuTorch delegation table, Core ML's MIL ops and Neural Engine notes, ONNX op counts). `changed_files`:
+    files that no longer match the sha256 recorded at export (or are gone), for which `verification` is void."""
     manifest = Manifest.read(directory)
+    changed, missing = changed_files(directory, manifest)
     return {
         "directory": str(directory),
         "model": manifest.model["ref"],
@@ -151,7 +159,8 @@ def describe_export(directory: Path) -> dict[str, Any]:
         "target": manifest.target,
         "dtype": manifest.dtype,
         "tokens": manifest.tokens,
-        "verification": manifest.verification,
+        "verification": manifest.verification,  # as recorded at export
+        "changed_files": changed + missing,  # since export: the recorded verification no longer applies to them
         "components": [
             {
                 "name": spec.name,

@@ -106,11 +106,89 @@ def check_method_layers(method: Method, params: dict[str, Any], depths: Mapping[
                 )
 
 
+MAX_BATCH = 64  # a documented cap: static-batch exports beyond it are better served by several sessions
+
+
 def check_common(request: PruneRequest) -> None:
     if request.dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{request.dtype}'; valid: {', '.join(DTYPES)}")
-    if request.batch < 1:
-        raise UsageError(f"--batch must be at least 1, got {request.batch}")
+    if not 1 <= request.batch <= MAX_BATCH:
+        raise UsageError(f"--batch {request.batch} is outside 1..{MAX_BATCH} (the static batch tpc exports)")
+
+
+def check_positions(used: int, limit: int, what: str, fix: str) -> None:
+    """A static prompt and its generated tokens must fit the decoder's position embeddings."""
+    if limit and used > limit:
+        raise UsageError(
+            f"{what} need {used} positions, more than the decoder's {limit} (max_position_embeddings); {fix}"
+        )
+
+
+def parse_bytes(text: str) -> int:
+    """'8G', '512M', '1.5GiB', '1000000' -> bytes."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned[-1:] in units and cleaned[-1:] else (cleaned, "")
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise UsageError(f"TPC_MEMORY_LIMIT={text!r}: expected a size such as 8G or 512M") from None
+    if not value > 0:
+        raise UsageError(f"TPC_MEMORY_LIMIT={text!r}: expected a positive size")
+    return int(value)
+
+
+def available_memory() -> int:
+    """Bytes tpc may use: `TPC_MEMORY_LIMIT` if set, else what the machine has available right now."""
+    import os
+
+    if os.environ.get("TPC_MEMORY_LIMIT"):
+        return parse_bytes(os.environ["TPC_MEMORY_LIMIT"])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+# Exporting holds the eager model, torch.export's traced copy, the serialized graph and a runtime session: about 4
+# copies of the weights at the peak.
+WEIGHT_COPIES = 4
+
+
+def estimated_bytes(the_plan: Any) -> int:
+    """Peak memory of building, exporting and verifying a plan, before any weights are loaded: the weights (counted
+    on the meta device) times WEIGHT_COPIES, plus the static KV cache and the vision tower's attention maps."""
+    from tpc.models_zoo.validate import expected_shapes
+
+    source, request = the_plan.source, the_plan.request
+    itemsize = DTYPES[request.dtype].itemsize
+    weights = sum(int(np.prod(shape)) for shape in expected_shapes(source.adapter.model_class, source.config).values())
+    geometry = source.geometry
+    tower = request.batch * geometry.num_heads * geometry.sequence_length**2 * 4 * 3
+    cache = 0
+    if hasattr(the_plan, "decoder"):
+        decoder = the_plan.decoder
+        positions = the_plan.prompt.length + getattr(the_plan, "max_new_tokens", 8)
+        cache = 2 * decoder.num_layers * decoder.num_kv_heads * decoder.head_dim * positions * request.batch * 4 * 4
+    return weights * itemsize * WEIGHT_COPIES + tower + cache
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
+def check_memory(the_plan: Any) -> None:
+    """Refuse, before allocating anything, an export that would not fit in memory."""
+    need, have = estimated_bytes(the_plan), available_memory()
+    if need > have:
+        raise UsageError(
+            f"this export needs about {_size(need)} of memory and {_size(have)} is available; "
+            "lower --batch, --max-new-tokens or --prompt-len, or free memory (TPC_MEMORY_LIMIT sets the budget)"
+        )
 
 
 def methods_for(adapter: Adapter) -> list[str]:
@@ -243,6 +321,7 @@ def _plan_encoder(request: PruneRequest, source: ModelSource) -> Plan:
 def build(request: PruneRequest) -> Pruned:
     """Plan, load the model through `from_pretrained`, insert taps and prune points."""
     the_plan = plan(request)
+    check_memory(the_plan)
     if not isinstance(the_plan, Plan):
         from tpc.vla import VlaPlan, build_vla
         from tpc.vlm import build_vlm

@@ -68,6 +68,7 @@ class TimedExport:
 
     def __init__(self, directory: Path) -> None:
         manifest = Manifest.read(directory)
+        self.manifest = manifest
         runtime = runtime_for(manifest.target)
         self.runtime = runtime.name
         self.runs: dict[str, Callable[[], object]] = {}
@@ -96,11 +97,42 @@ class TimedExport:
         return Timing.of(self.headline), {name: Timing.of(t) for name, t in self.times.items()}
 
 
+MAX_RUNS, MAX_WARMUP = 100_000, 10_000  # documented caps: a median over more runs says nothing new
+
+
+def input_layout(manifest: Manifest) -> dict[str, Any]:
+    """What a caller feeds the export: the model, the batch, and the entry inputs' shapes and dtypes (an encoder's
+    pixels; a VLM's pixels and prompt layout; a policy's image and prompt)."""
+    first = manifest.components[0]
+    layout: dict[str, Any] = {
+        "model": (manifest.model.get("path"), manifest.model.get("model_type")),
+        "batch": manifest.batch,
+        "inputs": [(spec.name, spec.shape, spec.dtype) for spec in first.inputs if spec.name == "pixel_values"],
+    }
+    for section in (manifest.generation, manifest.policy):
+        if section is not None:
+            layout["prompt"] = {k: section["prompt"].get(k) for k in ("text_tokens", "image_tokens", "length")}
+    return layout
+
+
+def check_comparable(export: Manifest, baseline: Manifest, where: Path) -> None:
+    """A speedup is a ratio of two runs of the same model on the same inputs; anything else is refused."""
+    mine, theirs = input_layout(export), input_layout(baseline)
+    for key, label in (("model", "model"), ("batch", "batch"), ("inputs", "input shapes"), ("prompt", "prompt")):
+        if mine.get(key) != theirs.get(key):
+            raise UsageError(
+                f"--baseline '{where}' has another {label} ({theirs.get(key)} vs {mine.get(key)}); a baseline must be "
+                "the same model with the same inputs (export it with --method none and the same options)"
+            )
+
+
 def profile(directory: Path, runs: int = 50, warmup: int = 5, baseline: Path | None = None) -> ProfileReport:
-    if runs < 1 or warmup < 0:
-        raise UsageError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
+    if not 1 <= runs <= MAX_RUNS or not 0 <= warmup <= MAX_WARMUP:
+        raise UsageError(f"--runs must be in 1..{MAX_RUNS} and --warmup in 0..{MAX_WARMUP}, got {runs} and {warmup}")
     timed = TimedExport(Path(directory))
     base = TimedExport(Path(baseline)) if baseline is not None else None
+    if base is not None:
+        check_comparable(timed.manifest, base.manifest, Path(baseline))
     for round_number in range(warmup + runs):
         measured = round_number >= warmup
         timed.run_round(measured)

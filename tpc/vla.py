@@ -29,6 +29,7 @@ from tpc.pipeline import (
     PruneRequest,
     check_budget,
     check_method_layers,
+    check_positions,
     methods_for,
     resolve_keep,
 )
@@ -155,6 +156,13 @@ def plan_vla(request: PruneRequest, source: ModelSource) -> VlaPlan:
     keep = resolve_keep(request.keep, method, num_image, 1, "the policy sees {n} image tokens per step")
     check_budget(method, keep, params)
     layout = adapter.default_layout(config, request.prompt_len)
+    action_dim = adapter.policy(config, unnorm_key).action_dim
+    check_positions(
+        layout.length + action_dim,
+        decoder.max_positions,
+        f"the prompt ({layout.text_len} text + {layout.image_tokens} image tokens) and {action_dim} action tokens",
+        "lower --prompt-len",
+    )
     return VlaPlan(request, source, method, keep, params, layout, unnorm_key)
 
 

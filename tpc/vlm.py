@@ -29,6 +29,7 @@ from tpc.pipeline import (
     PruneRequest,
     check_budget,
     check_method_layers,
+    check_positions,
     methods_for,
     resolve_keep,
     seeded_pixels,
@@ -152,8 +153,10 @@ def plan_vlm(request: PruneRequest, source: ModelSource) -> VlmPlan:
         )
     geometry, decoder = source.geometry, adapter.decoder(config)
     feature_layers = adapter.feature_layers(config)
-    derived = (
-        method.model_defaults(geometry.num_layers, max(feature_layers)) if isinstance(method, VisionMethod) else {}
+    derived = (  # the raw vision_feature_layer too: HiPrune pairs hidden_states[p] with attentions[p] (layer p+1)
+        method.model_defaults(geometry.num_layers, max(feature_layers), config.vision_feature_layer)
+        if isinstance(method, VisionMethod)
+        else {}
     )
     params = method.resolve_params(method_params, derived)
     check_method_layers(method, params, {"encoder": (1, geometry.num_layers), "decoder": (1, decoder.num_layers - 1)})
@@ -170,6 +173,12 @@ def plan_vlm(request: PruneRequest, source: ModelSource) -> VlmPlan:
         )
     user_dir = source.user_dir
     layout = adapter.default_layout(config, user_dir, request.prompt_len)
+    check_positions(
+        layout.length + max_new - 1,
+        decoder.max_positions,
+        f"the prompt ({layout.text_len} text + {layout.image_tokens} image tokens) and {max_new} new tokens",
+        "lower --prompt-len or --max-new-tokens",
+    )
     return VlmPlan(request, source, method, keep, params, layout, max_new)
 
 

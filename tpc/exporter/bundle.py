@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tpc.exporter.manifest import EXPECTED_FILE, INPUTS_FILE, Manifest, read_samples
+from tpc.exporter.manifest import EXPECTED_FILE, INPUTS_FILE, Manifest, inside, read_samples
 
 BUNDLE_DIR = "bundle"
 BUNDLED_PROGRAM = "model.bpte"
@@ -44,7 +44,8 @@ def write_bundle(directory: Path, manifest: Manifest) -> Path:
     bundle = directory / BUNDLE_DIR
     bundle.mkdir()
     program = manifest.components[0].artifact
-    shutil.copyfile(directory / program, bundle / Path(program).name)
+    program_path = inside(directory, program, "artifact")  # every path tpc.json names stays inside the export
+    shutil.copyfile(program_path, bundle / Path(program).name)
     suites, commands = [], []
     for spec in manifest.methods:
         inputs = read_samples(directory, spec.name, INPUTS_FILE)
@@ -59,7 +60,7 @@ def write_bundle(directory: Path, manifest: Manifest) -> Path:
         )
         suites.append(MethodTestSuite(method_name=spec.method, test_cases=[case]))
         commands.append((spec, input_files))
-    bundled = BundledProgram(None, suites, pte_file_path=str(directory / program))
+    bundled = BundledProgram(None, suites, pte_file_path=str(program_path))
     (bundle / BUNDLED_PROGRAM).write_bytes(serialize_from_bundled_program_to_flatbuffer(bundled))
     (bundle / "README.md").write_text(readme(manifest, Path(program).name, commands))
     return bundle

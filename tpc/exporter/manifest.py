@@ -6,13 +6,21 @@ dtypes. Its samples are keyed by the same names: `samples/inputs.npz` + `samples
 one-graph export, `samples/<component>/inputs.npz` + `expected.npz` for each component of a VLM, plus
 `samples/generation.npz` (pixel_values, input_ids and the greedy tokens eager PyTorch generates); a policy's
 `samples/episode.npz` holds a seeded episode (frames, prompt) and what eager PyTorch does at every step.
+
+Nothing forged. `files` records the sha256 of every file of the export (all but `tpc.json` itself), computed each
+time tpc.json is written, so after the last write they are the hashes of the final files. Every path the
+manifest names resolves inside the export directory (`inside`: no `..`, no absolute path, no symlink out).
+`Manifest.read` validates tpc.json against `SCHEMA` (JSON Schema): unknown or missing keys, wrong types, NaN or
+infinity, another `format_version` are one `UsageError` line. Format 3 added `files` and the strict schema.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -26,7 +34,8 @@ EXPECTED_FILE = "expected.npz"
 GENERATION_FILE = "generation.npz"
 EPISODE_FILE = "episode.npz"
 SINGLE_COMPONENT = "model"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+MULTI_METHOD_TARGETS = ("executorch",)  # targets whose one artifact holds every graph as a named method
 
 
 @dataclass
@@ -85,6 +94,7 @@ class Manifest:
     verification: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 of every file but tpc.json
 
     def component(self, name: str) -> ComponentSpec:
         return next(c for c in self.components if c.name == name)
@@ -95,31 +105,274 @@ class Manifest:
         return [method for component in self.components for method in component.methods]
 
     def write(self, directory: Path) -> None:
-        (directory / MANIFEST_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        """Record the sha256 of every file now in `directory` (`files`), then write tpc.json as strict JSON.
+
+        Call it after the last file of the export is written: the hashes are of the files as they are now."""
+        self.files = file_hashes(directory)
+        data = _finite(asdict(self), "tpc.json")
+        (directory / MANIFEST_FILE).write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:
+        """The manifest of an export directory, validated: one `UsageError` line for anything malformed."""
+        directory = Path(directory)
         path = directory / MANIFEST_FILE
         if not directory.is_dir():
             raise UsageError(f"'{directory}' is not a directory; pass the output directory of `tpc export`")
-        if not path.exists():
+        if not path.is_file():
             raise UsageError(f"'{directory}' is not a tpc export: it has no {MANIFEST_FILE}")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(), parse_constant=_reject_constant)
         except json.JSONDecodeError as err:
             raise UsageError(f"'{path}' is not valid JSON ({err.msg} at line {err.lineno})") from None
-        if data.get("format_version") != FORMAT_VERSION:
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise UsageError(f"cannot read '{path}': {err}") from None
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if version != FORMAT_VERSION:
+            shown = json.dumps(version)[:40]
             raise UsageError(
-                f"'{path}' has format version {data.get('format_version')}; this tpc reads {FORMAT_VERSION} "
-                "(re-export it with this version)"
+                f"'{path}' has format version {shown}; this tpc reads {FORMAT_VERSION} (re-export it with this version)"
             )
+        _validate(data, path)
         data["components"] = [ComponentSpec.from_dict(c) for c in data["components"]]
-        return cls(**data)
+        manifest = cls(**data)
+        for spec in manifest.methods:  # only a multi-method artifact (ExecuTorch's .pte) names its entry point
+            if (spec.method is None) == (manifest.target in MULTI_METHOD_TARGETS):
+                raise UsageError(
+                    f"'{path}' is not a valid tpc manifest: components: '{spec.name}' has method {spec.method!r}, "
+                    f"which a {manifest.target} artifact {'needs' if spec.method is None else 'does not have'} "
+                    "(re-export it)"
+                )
+        for relative in manifest.named_files():
+            inside(directory, relative)
+        for relative in manifest.files:
+            inside(directory, relative)
+        return manifest
+
+    def named_files(self) -> list[str]:
+        """Every path the manifest names: artifacts and teacher-forced artifacts (relative to the directory)."""
+        named = []
+        for component in self.components:
+            for spec in [component, *component.stages]:
+                named += [spec.artifact] + ([spec.teacher_forced] if spec.teacher_forced else [])
+        return list(dict.fromkeys(named))
+
+
+def inside(directory: Path, relative: str, what: str = "file") -> Path:
+    """`directory / relative`, refused (UsageError) unless it resolves inside `directory`: no `..`, no absolute
+    path, no symlink pointing out. Every path an export directory names is joined through this."""
+    directory = Path(directory)
+    posix, windows = PurePosixPath(relative), PureWindowsPath(relative)
+    problem = None
+    if not relative or "\x00" in relative:
+        problem = "is empty" if not relative else "holds a NUL byte"
+    elif posix.is_absolute() or windows.is_absolute() or windows.drive or relative.startswith("\\"):
+        problem = "is an absolute path"
+    elif ".." in posix.parts or ".." in windows.parts:
+        problem = "climbs out with '..'"
+    else:
+        root = directory.resolve()
+        target = (directory / relative).resolve()
+        if target != root and not target.is_relative_to(root):
+            problem = f"resolves outside the export directory (to '{target}', through a symlink)"
+    if problem is not None:
+        raise UsageError(
+            f"'{directory}' names the {what} '{relative}', which {problem}; every file of an export must lie inside "
+            "its directory (re-export it)"
+        )
+    return directory / relative
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory` except tpc.json, by relative POSIX path (a Core ML package is a
+    directory: each of its files is recorded)."""
+    directory = Path(directory)
+    hashes = {}
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory).as_posix()
+        if relative != MANIFEST_FILE and path.is_file():
+            hashes[relative] = sha256(path)
+    return hashes
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def changed_files(directory: Path, manifest: Manifest) -> tuple[list[str], list[str]]:
+    """(files whose content differs from the hash recorded at export, recorded files that are missing)."""
+    changed, missing = [], []
+    for relative, digest in manifest.files.items():
+        path = inside(directory, relative)
+        if not path.is_file():
+            missing.append(relative)
+        elif sha256(path) != digest:
+            changed.append(relative)
+    return changed, missing
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in tpc.json (strict JSON)")
+
+
+def _finite(value: Any, where: str) -> Any:
+    """`value` as plain JSON data; NaN or infinity never reach tpc.json (UsageError names where it was)."""
+    if isinstance(value, dict):
+        return {key: _finite(item, f"{where}.{key}") for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        raise UsageError(f"{where} is {value}: NaN and infinity are never written to tpc.json (strict JSON)")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _validate(data: dict[str, Any], path: Path) -> None:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+    if error is None:
+        return
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path) or "(top level)"
+    message = error.message if len(error.message) <= 160 else error.message[:157] + "..."
+    raise UsageError(f"'{path}' is not a valid tpc manifest: {where.lstrip('.')}: {message} (re-export it)")
+
+
+# --- the schema of tpc.json, format 3 ---------------------------------------------------------------------------
+
+_INT = {"type": "integer"}
+_COUNT = {"type": "integer", "minimum": 0}
+_STR = {"type": "string"}
+_NAME = {"type": "string", "pattern": r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$"}  # component, method and tensor names
+_PATH = {"type": "string", "minLength": 1}
+_INTS = {"type": "array", "items": _INT}
+_COUNTS = {"type": "array", "items": _COUNT}
+_OBJECT = {"type": "object"}
+_DTYPES = ["float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"]
+
+
+def _record(properties: dict[str, Any], optional: tuple[str, ...] = (), closed: bool = True) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": [key for key in properties if key not in optional],
+        **({"additionalProperties": False} if closed else {}),
+    }
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [{"type": "null"}, schema]}
+
+
+_TENSOR = _record({"name": _NAME, "shape": _COUNTS, "dtype": {"enum": _DTYPES}})
+_GRAPH = _record(  # target facts; read by `tpc inspect`: typed where read, open to new facts
+    {
+        "opset": _INT,
+        "op_counts": {"type": "object", "additionalProperties": _COUNT},
+        "mil_ops": {"type": "object", "additionalProperties": _COUNT},
+        "delegation": _OBJECT,
+        "neural_engine": {
+            "type": "object",
+            "additionalProperties": _record({"count": _COUNT, "reason": _STR, "source": _STR}, closed=False),
+        },
+        "inputs": _OBJECT,
+        "outputs": _OBJECT,
+    },
+    optional=("opset", "op_counts", "mil_ops", "delegation", "neural_engine", "inputs", "outputs"),
+    closed=False,
+)
+_COMPONENT = _record(
+    {
+        "name": _NAME,
+        "artifact": _PATH,
+        "inputs": {"type": "array", "items": _TENSOR, "minItems": 1},
+        "outputs": {"type": "array", "items": _TENSOR, "minItems": 1},
+        "graph": _GRAPH,
+        "method": _nullable(_NAME),
+        "teacher_forced": _nullable(_PATH),
+        "stages": {"type": "array", "items": {"$ref": "#/$defs/component"}},
+    }
+)
+_PROMPT = {
+    "text_tokens": _COUNT,
+    "image_start": _COUNT,
+    "image_tokens": _COUNT,
+    "length": _COUNT,
+}
+_GENERATION = _record(
+    {
+        "image_token_id": _INT,
+        "eos_token_ids": _INTS,
+        "prompt": _record(_PROMPT),
+        "prefill": _record({"length": _COUNT, "image_tokens": _COUNT}),
+        "max_new_tokens": {"type": "integer", "minimum": 1},
+        "decoder_layers": _COUNT,
+        "cache": _record({"lengths_after_prefill": _COUNTS, "capacity": _COUNTS, "next_position": _COUNT}),
+        "protocol": _STR,
+    }
+)
+_POLICY = _record(
+    {
+        "action_dim": {"type": "integer", "minimum": 1},
+        "n_action_bins": {"type": "integer", "minimum": 1},
+        "action_vocab_size": {"type": "integer", "minimum": 1},
+        "unnorm_key": _nullable(_STR),
+        "action_stats": _nullable(_OBJECT),
+        "image": _record({"size": _COUNT, "normalization": {"type": "array", "items": _OBJECT}}),
+        "prompt": _record({**_PROMPT, "template": _STR, "empty_token_id": _INT}),
+        "kept_image_tokens": _COUNT,
+        "decoder_lengths": _record({"pruned": _COUNTS, "full": _COUNTS}),
+        "state": _OBJECT,
+        "graphs": {"type": "object", "additionalProperties": _STR},
+        "protocol": _STR,
+        "stages": _STR,
+    },
+    optional=("stages",),
+)
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$defs": {"component": _COMPONENT},
+    **_record(
+        {
+            "model": _record({"ref": _STR, "path": _STR, "family": _STR, "model_type": _STR}),
+            "method": _STR,
+            "keep": _COUNT,
+            "params": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean", "null"]}},
+            "target": _STR,
+            "dtype": {"enum": ["fp32", "fp16"]},
+            "batch": {"type": "integer", "minimum": 1},
+            "components": {"type": "array", "items": {"$ref": "#/$defs/component"}, "minItems": 1},
+            "tokens": _record(
+                {"before": _COUNT, "after": _COUNT, "grid": _COUNTS, "prefix_tokens": _COUNT, "stage": _STR}
+            ),
+            "versions": {"type": "object", "additionalProperties": _STR},
+            "generation": _nullable(_GENERATION),
+            "policy": _nullable(_POLICY),
+            "sample_seed": _COUNT,
+            "verification": _nullable(
+                _record({"passed": {"type": ["boolean", "null"]}, "skipped": _STR}, optional=("skipped",), closed=False)
+            ),
+            "format_version": {"const": FORMAT_VERSION},
+            "extra": _OBJECT,
+            "files": {
+                "type": "object",
+                "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "minProperties": 1,
+            },
+        }
+    ),
+}
 
 
 def samples_dir(directory: Path, component: str) -> Path:
     base = directory / SAMPLES_DIR
-    return base if component == SINGLE_COMPONENT else base / component
+    return base if component == SINGLE_COMPONENT else inside(directory, f"{SAMPLES_DIR}/{component}", "samples")
 
 
 def write_samples(
@@ -132,5 +385,17 @@ def write_samples(
 
 
 def read_samples(directory: Path, component: str, name: str) -> dict[str, np.ndarray]:
-    with np.load(samples_dir(directory, component) / name) as data:
-        return {key: data[key] for key in data.files}
+    """One sample file of a component; a missing or unreadable file is one UsageError line."""
+    return read_npz(directory, samples_dir(directory, component).relative_to(directory).as_posix() + "/" + name)
+
+
+def read_npz(directory: Path, relative: str) -> dict[str, np.ndarray]:
+    """An `.npz` of the export (`relative` to it), every array loaded; missing or corrupt -> UsageError."""
+    path = inside(directory, relative, "sample file")
+    if not path.is_file():
+        raise UsageError(f"'{path}' is missing: the export is incomplete (re-export it)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except Exception as err:  # zipfile, pickle refusal, truncated member: numpy raises many kinds
+        raise UsageError(f"'{path}' is not a readable .npz ({type(err).__name__}: {err}); re-export it") from None

@@ -1,24 +1,33 @@
-"""Pruning methods: one module per method, each exposing its tensor functions and a `METHOD` record.
+"""Pruning methods: each one's light declaration in `tpc.methods.registry`, its tensor functions in its own module.
 
 `REGISTRY` is the list of methods tpc knows; the CLI, `tpc methods` and the export pipeline read it instead of
-branching on names.
+branching on names. Importing this package (and listing or validating methods) does not import torch: the
+method modules (`hiprune`, `divprune`, `fastv`, `random`, `uniform`, `vla_pruner`, `none`) load on first use,
+as attributes of this package or with `from tpc.methods import hiprune`.
 """
 
 from __future__ import annotations
 
-from tpc.errors import unknown_name
-from tpc.methods import divprune, fastv, hiprune, none, random, uniform, vla_pruner
-from tpc.methods.base import Method, Param, PrefillMethod, PrefillSignals, VisionMethod, VisionSignals
+import importlib
+from types import ModuleType
 
-REGISTRY: dict[str, Method] = {
-    m.METHOD.name: m.METHOD for m in (hiprune, divprune, random, uniform, fastv, vla_pruner, none)
-}
+from tpc.errors import unknown_name
+from tpc.methods.base import Method, Param, PrefillMethod, PrefillSignals, VisionMethod, VisionSignals
+from tpc.methods.registry import REGISTRY
+
+_MODULES = ("divprune", "fastv", "hiprune", "none", "random", "uniform", "vla_pruner")
 
 
 def get_method(name: str) -> Method:
     if name not in REGISTRY:
         raise unknown_name("method", name, REGISTRY, "see `tpc methods`")
     return REGISTRY[name]
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in _MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
@@ -33,6 +42,7 @@ __all__ = [
     "fastv",
     "get_method",
     "hiprune",
+    "none",
     "random",
     "uniform",
     "vla_pruner",

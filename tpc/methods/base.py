@@ -1,23 +1,29 @@
 """What a pruning method declares, so that the pipeline, the CLI and the docs can treat methods as data.
 
-A method is a small frozen record: its hyperparameters (typed, with defaults), which encoder layers it needs
-attention-received scores from, and a pure function from those signals to (B, N) priorities. The shared
-select op (`tpc.ops.select_tokens`) turns priorities into the K kept tokens, so a method never touches shapes.
+A method is a small frozen record: its hyperparameters (typed, with defaults and a validated domain), which
+layers it needs attention-received scores from, and a pure function from those signals to (B, N) priorities.
+The shared select op (`tpc.ops.select_tokens`) turns priorities into the K kept tokens, so a method never
+touches shapes.
+
+This module imports neither torch nor transformers: the records are listed (`tpc methods`) and validated
+(planning) without them. A record names its torch priority function with `Deferred`, imported on first call.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tpc.errors import UsageError, unknown_name
 
-F = TypeVar("F", bound=Callable[..., Tensor])
+if TYPE_CHECKING:
+    from torch import Tensor
+
+F = TypeVar("F", bound=Callable[..., "Tensor"])
 
 
 def accepts_unbatched(batched_dims: int, tensor_args: int = 1) -> Callable[[F], F]:
@@ -30,6 +36,8 @@ def accepts_unbatched(batched_dims: int, tensor_args: int = 1) -> Callable[[F], 
     def decorate(function: F) -> F:
         @functools.wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Tensor:
+            import torch
+
             tensors = [torch.as_tensor(a) for a in args[:tensor_args]]
             unbatched = tensors[0].dim() == batched_dims - 1
             if not unbatched and tensors[0].dim() != batched_dims:
@@ -48,8 +56,33 @@ def accepts_unbatched(batched_dims: int, tensor_args: int = 1) -> Callable[[F], 
 
 
 @dataclass(frozen=True)
+class Deferred:
+    """A function named as "module:attribute", imported on its first call, so that a method's record (and
+    listing it) does not import torch. `resolve()` returns the function itself."""
+
+    target: str
+
+    def resolve(self) -> Callable[..., Any]:
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.resolve()(*args, **kwargs)
+
+
+def _number(value: float) -> str:
+    return "inf" if value == math.inf else f"{value:g}"
+
+
+@dataclass(frozen=True)
 class Param:
-    """One hyperparameter: name, type, default (None = derived from the model), and a one-line meaning."""
+    """One hyperparameter: name, type, default (None = derived from the model), a one-line meaning, its domain.
+
+    Domain: `choices` for a string; `low`/`high` bounds for a number (inclusive unless `low_open`/`high_open`),
+    a float must also be finite; `layer_of` for a layer number, checked against that stack's depth once the
+    model is known. `parse` checks every value a user gives (CLI `--param`, `tpc.export(params=...)`), so
+    every entry point rejects the same value with the same line, and NaN/inf never reach `tpc.json`.
+    """
 
     name: str
     type: type
@@ -57,18 +90,64 @@ class Param:
     help: str
     layer_of: str | None = None  # "encoder" / "decoder": a layer number, validated against that stack's depth
     choices: tuple[str, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # (low, ...: low itself is outside the domain
+    high_open: bool = False
 
-    def parse(self, text: str) -> Any:
+    def __post_init__(self) -> None:
+        if self.default is not None and self.violation(self.default) is not None:
+            raise ValueError(f"default {self.default!r} of parameter {self.name} is outside its domain {self.domain}")
+
+    @property
+    def domain(self) -> str:
+        """The valid values, as `tpc methods` and the error lines show them: "(0, 1]", ">= 0", "a|b", ..."""
+        if self.choices is not None:
+            return "|".join(self.choices)
+        if self.layer_of is not None:
+            return f"{self.layer_of} layer"
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{left}{_number(self.low)}, {_number(self.high)}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {_number(self.high)}"
+        return "finite" if self.type is float else self.type.__name__
+
+    def violation(self, value: Any) -> str | None:
+        """Why a parsed value is outside the domain (None: inside). Layer numbers are checked by the planner."""
+        if self.choices is not None:
+            return None if value in self.choices else f"expected one of {', '.join(self.choices)}"
+        if self.type not in (int, float):
+            return None
+        bounded = self.low is not None or self.high is not None
+        where = f" {'in ' if self.low is not None and self.high is not None else ''}{self.domain}" if bounded else ""
+        if not math.isfinite(value):
+            return f"expected a finite number{where}"
+        below = self.low is not None and (value < self.low or (self.low_open and value == self.low))
+        above = self.high is not None and (value > self.high or (self.high_open and value == self.high))
+        return f"expected a value{where}" if below or above else None
+
+    def parse(self, text: Any) -> Any:
+        """A user's value (a string from the CLI; the Python API's values are passed as `str(value)`) -> typed,
+        inside the domain, or one UsageError line naming the parameter, the value, the domain and the meaning."""
+        text = str(text).strip()
         if self.choices is not None and text not in self.choices:
             raise UsageError(f"--param {self.name}={text}: expected one of {', '.join(self.choices)} ({self.help})")
         try:
             if self.type is bool:
                 if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
                     raise ValueError(text)
-                return text.lower() in ("1", "true", "yes")
-            return self.type(text)
+                value = text.lower() in ("1", "true", "yes")
+            else:
+                value = self.type(text)
         except ValueError:
             raise UsageError(f"--param {self.name}={text}: expected {self.type.__name__} ({self.help})") from None
+        problem = self.violation(value)
+        if problem is not None:
+            raise UsageError(f"--param {self.name}={text}: {problem} ({self.help})")
+        return value
 
 
 @dataclass(frozen=True)
@@ -106,8 +185,9 @@ class VisionMethod(_ResolvesParams):
     priority: Callable[[VisionSignals, int, dict], Tensor]
     params: tuple[Param, ...] = ()
     tapped_layers: Callable[[dict], tuple[int, ...]] = field(default=lambda params: ())
-    # defaults that depend on the model: (encoder depth, feature layer) -> {param: value}
-    model_defaults: Callable[[int, int], dict[str, Any]] = field(default=lambda depth, feature_layer: {})
+    # defaults that depend on the model: (encoder depth, 1-based feature layer, and for a VLM its config's
+    # `vision_feature_layer`, the hidden_states index (int or list) the layer came from) -> {param: value}
+    model_defaults: Callable[..., dict[str, Any]] = field(default=lambda depth, feature_layer, feature_index=None: {})
     # raises ValueError when a budget and parameters cannot work together
     check_budget: Callable[[int, dict], None] = field(default=lambda keep, params: None)
     stage: str = "vision"

@@ -1,4 +1,4 @@
-"""DivPrune (Alvar et al., CVPR 2025), as `vbdi/divprune` does it (methods.md §5).
+"""DivPrune (Alvar et al., CVPR 2025), as `vbdi/divprune` does it (docs/methods.md#divprune).
 
 Keep the K tokens that are most spread out in embedding space: greedy farthest-point (max-min) selection on
 cosine distance. Iteration 0 picks the token farthest from its nearest neighbour (the 2nd smallest entry of
@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tpc.methods.base import VisionMethod, accepts_unbatched
+from tpc.methods.base import VisionSignals, accepts_unbatched
+from tpc.methods.registry import DIVPRUNE
 from tpc.ops import select_indices
 
 
@@ -75,9 +76,8 @@ def select(embeds: Tensor, keep: int) -> Tensor:
     return select_indices(priority(embeds, keep), keep)
 
 
-METHOD = VisionMethod(
-    name="divprune",
-    summary="greedy max-min cosine diversity of the token features",
-    reference="vbdi/divprune @799e2d9, CVPR 2025",
-    priority=lambda signals, keep, params: priority(signals.features, keep),
-)
+def _priority_from_signals(signals: VisionSignals, keep: int, params: dict) -> Tensor:
+    return priority(signals.features, keep)
+
+
+METHOD = DIVPRUNE  # declared in tpc.methods.registry; its priority is `_priority_from_signals` above

@@ -1,14 +1,18 @@
-"""FastV (Chen et al., ECCV 2024) scoring and selection (methods.md §6).
+"""FastV (Chen et al., ECCV 2024) scoring and selection (docs/methods.md#fastv).
 
 At decoder layer K, keep the image tokens that the last prompt token attended to most at layer K-1 (mean over
 heads). The tensor functions below are what the prefill graph runs (through the shared select op).
+
+The selection is made once, at prefill; the KV cache of layers K.. holds only the kept tokens (FastV's KV-cache
+variant). The authors' evaluation runs without a KV cache and re-selects the image tokens at every generated
+token, so its later tokens can see another image-token set than tpc's.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from tpc.methods.base import Param, PrefillMethod
+from tpc.methods.registry import FASTV
 from tpc.ops import select_indices
 
 
@@ -28,11 +32,4 @@ def select(image_scores: Tensor, keep: int) -> Tensor:
     return select_indices(image_scores, keep)
 
 
-METHOD = PrefillMethod(
-    name="fastv",
-    summary="last-token attention row at LLM layer K-1; prunes from layer K on",
-    reference="pkunlp-icler/FastV, ECCV 2024",
-    priority=lambda signals, keep, params: signals.scores,
-    prune_layer=lambda params: params["layer"],
-    params=(Param("layer", int, 2, "decoder layer K (0-based) from which image tokens are pruned", "decoder"),),
-)
+METHOD = FASTV  # declared in tpc.methods.registry

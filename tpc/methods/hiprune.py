@@ -1,4 +1,4 @@
-"""HiPrune (Liu et al., arXiv 2508.00553), as `Danielement321/HiPrune` does it (methods.md §1).
+"""HiPrune (Liu et al., arXiv 2508.00553), as `Danielement321/HiPrune` does it (docs/methods.md#hiprune).
 
 Anchors are the most-attended patches of a middle ("object") encoder layer; each brings its four raster
 neighbours (buffers); the rest of the budget goes to the most-attended patches of the deep layer that are not
@@ -7,6 +7,10 @@ data-dependent; the static rewrite of §1.8 (`where(anchor_or_buffer, +inf, deep
 the same set with fixed shapes, so the exported graph needs no dynamic shapes.
 
 Neighbourhoods are in flat raster-index space (row wrap) and clamped to [0, N-1], exactly as the reference.
+
+Layers: the reference reads its features from `hidden_states[p]` and its register attention from
+`attentions[p]` (p = `vision_feature_layer`), so for p >= 0 the register ("deep") layer is p + 1, one past the
+feature layer; `default_deep_layer` (tpc.methods.registry) does the same, and `--param deep_layer` overrides it.
 """
 
 from __future__ import annotations
@@ -14,12 +18,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tpc.methods.base import Param, VisionMethod, VisionSignals, accepts_unbatched
+from tpc.methods.base import VisionSignals, accepts_unbatched
+from tpc.methods.registry import (  # the record's pure rules, shared with this module's tensor functions
+    DEFAULT_ALPHA,
+    HIPRUNE,
+    REFERENCE_DEPTH,
+    REFERENCE_OBJECT_LAYER,
+    anchor_count,
+    check_budget,
+    default_deep_layer,
+    default_object_layer,
+)
 from tpc.ops import select_indices
-
-DEFAULT_ALPHA = 0.1
-# LLaVA-1.5's CLIP ViT-L/14-336: object layer 9 of 24 (1-based). Other depths scale it.
-REFERENCE_OBJECT_LAYER, REFERENCE_DEPTH = 9, 24
 
 
 @accepts_unbatched(batched_dims=4)
@@ -32,26 +42,11 @@ def scores(attn: Tensor, prefix_tokens: int = 1) -> Tensor:
     return attn.mean(dim=1).mean(dim=1)[:, prefix_tokens:]
 
 
-def anchor_count(keep: int, alpha: float = DEFAULT_ALPHA) -> int:
-    """k_a = round(keep * alpha / 5) with Python's round-half-to-even, as the reference."""
-    return round(keep * alpha / 5)
-
-
 def _grid_width(grid: int | tuple[int, int], num_tokens: int) -> int:
     height, width = (grid, grid) if isinstance(grid, int) else grid
     if height * width != num_tokens:
         raise ValueError(f"grid {height}x{width} does not match {num_tokens} scored tokens")
     return width
-
-
-def check_budget(keep: int, alpha: float) -> None:
-    """The reference fails (negative top-k) when anchors + buffers outgrow the budget; refuse such configs."""
-    k_a = anchor_count(keep, alpha)
-    if 5 * k_a > keep:
-        raise ValueError(
-            f"alpha={alpha} gives {k_a} anchor(s), whose {5 * k_a} anchor+buffer slots can exceed keep={keep}; "
-            "lower alpha or raise keep"
-        )
 
 
 def anchor_buffer_mask(score_object: Tensor, keep: int, grid: int | tuple[int, int], alpha: float) -> Tensor:
@@ -156,11 +151,6 @@ def qwen_select_reference(
 # --- the method as the pipeline uses it ------------------------------------------------------------------
 
 
-def default_object_layer(num_layers: int) -> int:
-    """Object layer 9 of 24 scaled to the encoder's depth (1-based, at least 1)."""
-    return max(1, round(num_layers * REFERENCE_OBJECT_LAYER / REFERENCE_DEPTH))
-
-
 def _priority_from_signals(signals: VisionSignals, keep: int, params: dict) -> Tensor:
     return priority(
         signals.received[params["object_layer"]],
@@ -171,22 +161,23 @@ def _priority_from_signals(signals: VisionSignals, keep: int, params: dict) -> T
     )
 
 
-METHOD = VisionMethod(
-    name="hiprune",
-    summary="anchors (object-layer attention) + raster-neighbour buffers + registers (deep-layer attention)",
-    reference="Danielement321/HiPrune @6e83a12, arXiv 2508.00553",
-    params=(
-        Param("alpha", float, DEFAULT_ALPHA, "share of the budget for anchors + buffers (k_a = round(keep*alpha/5))"),
-        Param("object_layer", int, None, "encoder layer of the anchor attention (default: 9 of 24, scaled)", "encoder"),
-        Param(
-            "deep_layer", int, None, "encoder layer of the register attention (default: the feature layer)", "encoder"
-        ),
-    ),
-    tapped_layers=lambda params: (params["object_layer"], params["deep_layer"]),
-    model_defaults=lambda depth, feature_layer: {
-        "object_layer": default_object_layer(depth),
-        "deep_layer": feature_layer,
-    },
-    check_budget=lambda keep, params: check_budget(keep, params["alpha"]),
-    priority=_priority_from_signals,
-)
+METHOD = HIPRUNE  # declared in tpc.methods.registry; its priority is `_priority_from_signals` above
+
+__all__ = [
+    "DEFAULT_ALPHA",
+    "METHOD",
+    "REFERENCE_DEPTH",
+    "REFERENCE_OBJECT_LAYER",
+    "anchor_buffer_mask",
+    "anchor_count",
+    "check_budget",
+    "default_deep_layer",
+    "default_object_layer",
+    "priority",
+    "qwen_budget",
+    "qwen_reduce",
+    "qwen_select",
+    "qwen_select_reference",
+    "scores",
+    "select",
+]

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-from tpc.methods.base import VisionMethod
+from tpc.methods.registry import NONE
 
-METHOD = VisionMethod(
-    name="none",
-    summary="no pruning: all tokens kept (baseline)",
-    reference="-",
-    priority=lambda signals, keep, params: signals.features.new_zeros(signals.features.shape[:2]),
-    prunes=False,
-)
+METHOD = NONE  # declared in tpc.methods.registry

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tpc.methods.base import Param, VisionMethod, VisionSignals
+from tpc.methods.base import VisionSignals
+from tpc.methods.registry import RANDOM
 
 
 def priority(num_tokens: int, seed: int = 0) -> Tensor:
@@ -28,10 +29,4 @@ def _priority_from_signals(signals: VisionSignals, keep: int, params: dict) -> T
     return fixed.expand(batch, num_tokens)
 
 
-METHOD = VisionMethod(
-    name="random",
-    summary="seeded random tokens, fixed at build time (control)",
-    reference="control baseline",
-    params=(Param("seed", int, 0, "seed of the token choice"),),
-    priority=_priority_from_signals,
-)
+METHOD = RANDOM  # declared in tpc.methods.registry; its priority is `_priority_from_signals` above

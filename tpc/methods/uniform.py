@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tpc.methods.base import VisionMethod, VisionSignals
+from tpc.methods.base import VisionSignals
+from tpc.methods.registry import UNIFORM
 
 
 def indices(num_tokens: int, keep: int) -> Tensor:
@@ -25,9 +26,4 @@ def _priority_from_signals(signals: VisionSignals, keep: int, params: dict) -> T
     return priority(num_tokens, keep).to(signals.features.device).expand(batch, num_tokens)
 
 
-METHOD = VisionMethod(
-    name="uniform",
-    summary="raster stride i*floor(N/K) (control)",
-    reference="LVLM_CSP uniform sampler, arXiv 2504.10854",
-    priority=_priority_from_signals,
-)
+METHOD = UNIFORM  # declared in tpc.methods.registry; its priority is `_priority_from_signals` above

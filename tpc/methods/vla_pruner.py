@@ -1,4 +1,4 @@
-"""VLA-Pruner (Liu et al., arXiv 2511.16449), the OpenVLA path of MINT-SJTU's main branch (methods.md §2).
+"""VLA-Pruner (Liu et al., arXiv 2511.16449), the OpenVLA path of MINT-SJTU's main branch (docs/methods.md#vla-pruner).
 
 In the decoder prefill of a VLA, keep K of the image tokens: the union of the top-K by the current semantic
 score (layer k-1 attention) and the top-K by a temporally smoothed action attention from earlier control steps,
@@ -21,11 +21,11 @@ import torch
 from torch import Tensor
 
 from tpc.methods import divprune
-from tpc.methods.base import ALL_ROWS, LAST_ROW, Param, PrefillMethod, PrefillSignals, accepts_unbatched
+from tpc.methods.base import PrefillSignals, accepts_unbatched
+from tpc.methods.registry import REFERENCE_HISTORY_LAYER, VLA_CRITERIA, VLA_GUIDE_DTYPES, VLA_ORDERS, VLA_PRUNER
 from tpc.ops import select_indices
 
-CRITERIA = ("prefill", "last")
-ORDERS = ("oldest-heaviest", "newest-heaviest")
+CRITERIA, ORDERS = VLA_CRITERIA, VLA_ORDERS
 
 
 def semantic_scores(attn: Tensor, image_start: int, num_image: int, criterion: str = "prefill") -> Tensor:
@@ -200,39 +200,30 @@ def action_importance(
     return torch.zeros(num_image, dtype=torch.float32).scatter(0, kept, per_token)
 
 
-GUIDE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-REFERENCE_HISTORY_LAYER = 15  # hard-coded in the reference's predict_action, for the 32-layer Llama-2-7B
+GUIDE_DTYPES = dict(zip(VLA_GUIDE_DTYPES, (torch.bfloat16, torch.float32), strict=True))
 
 
 def _priority(signals: PrefillSignals, keep: int, params: dict) -> Tensor:
     return priority(signals.scores, signals.guide, signals.image_embeds, keep)
 
 
-def _check_layers(keep: int, params: dict) -> None:
-    if params["history_layer"] < params["layer"]:
-        raise ValueError(
-            f"history_layer {params['history_layer']} must not precede the prune layer {params['layer']} "
-            "(the action attention is read over the kept tokens)"
-        )
+METHOD = VLA_PRUNER  # declared in tpc.methods.registry; its priority is `_priority` above
 
-
-METHOD = PrefillMethod(
-    name="vla-pruner",
-    summary="semantic (layer K-1) + temporally smoothed action attention, union, max-min diversity; state per step",
-    reference="MINT-SJTU VLA-Pruner (OpenVLA path), arXiv 2511.16449",
-    priority=_priority,
-    prune_layer=lambda params: params["layer"],
-    params=(
-        Param("layer", int, 3, "decoder layer K (0-based) from which image tokens are pruned (fastv_k)", "decoder"),
-        Param("criterion", str, "prefill", "semantic score: all prompt rows' mean, or the last row", choices=CRITERIA),
-        Param("history_layer", int, REFERENCE_HISTORY_LAYER, "action-attention layer (shallower: last)", "decoder"),
-        Param("window", int, 3, "control steps the history holds (warm-up steps keep every token)"),
-        Param("decay", float, 0.8, "temporal decay of the history weights"),
-        Param("order", str, "oldest-heaviest", "history weight order: main branch, or OFT's", choices=ORDERS),
-        Param("guide_dtype", str, "bf16", "the guide's rounding before its top-K", choices=tuple(GUIDE_DTYPES)),
-    ),
-    model_defaults=lambda depth: {"history_layer": min(REFERENCE_HISTORY_LAYER, depth - 1)},
-    score_rows=lambda params: ALL_ROWS if params["criterion"] == "prefill" else LAST_ROW,
-    check_budget=_check_layers,
-    stateful=True,
-)
+__all__ = [
+    "CRITERIA",
+    "GUIDE_DTYPES",
+    "METHOD",
+    "ORDERS",
+    "REFERENCE_HISTORY_LAYER",
+    "History",
+    "action_importance",
+    "candidates",
+    "greedy_order",
+    "guide_from_history",
+    "newest_first_weights",
+    "pairwise_sum",
+    "priority",
+    "select",
+    "semantic_scores",
+    "top_mask",
+]

@@ -59,15 +59,17 @@ class VisionEncoderAdapter(ABC):
     prefix_tokens: ClassVar[int]
 
     def accepts(self, method: Any) -> bool:
-        """Vision-side methods: an encoder has no decoder to prune in."""
-        from tpc.methods import VisionMethod
+        """Vision-side methods: an encoder has no decoder to prune in (`tpc.models_zoo.accepts_method`)."""
+        from tpc.models_zoo import accepts_method
 
-        return isinstance(method, VisionMethod)
+        return accepts_method(self.kind, method)
 
     def load(self, path: Path) -> PreTrainedModel:
-        """The real `from_pretrained` path, from a local directory, fused attention everywhere."""
-        model = self.model_class.from_pretrained(str(path), attn_implementation="sdpa")
-        return model.eval()
+        """The real `from_pretrained` path, from a local directory, fused attention everywhere; safetensors only,
+        no remote code, a bad or mismatched checkpoint one UsageError line (tpc.models_zoo.validate)."""
+        from tpc.models_zoo.validate import safe_from_pretrained
+
+        return safe_from_pretrained(self.model_class, path, attn_implementation="sdpa").eval()
 
     def vision_config(self, config: PretrainedConfig) -> PretrainedConfig:
         """The vision part of a config (a full CLIP/SigLIP checkpoint nests it)."""

@@ -35,6 +35,7 @@ class DecoderGeometry:
     head_dim: int
     intermediate_size: int
     vocab_size: int
+    max_positions: int = 0  # max_position_embeddings (0: not stated)
 
     def layer_flops(self, tokens: int, context: int) -> int:
         """2x multiply-adds of one decoder layer for `tokens` new tokens attending to `context` keys on average."""
@@ -57,6 +58,7 @@ def decoder_geometry(text: PretrainedConfig) -> DecoderGeometry:
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         intermediate_size=text.intermediate_size,
         vocab_size=text.vocab_size,
+        max_positions=getattr(text, "max_position_embeddings", None) or 0,
     )
 
 
@@ -117,14 +119,17 @@ class LlavaAdapter(DecoderParts):
         return self.towers[model_type]
 
     def accepts(self, method: Any) -> bool:
-        """Vision-side methods, and prefill methods that need no state from earlier control steps."""
-        from tpc.methods import PrefillMethod, VisionMethod
+        """Vision-side methods, and prefill methods that need no state from earlier control steps
+        (`tpc.models_zoo.accepts_method`)."""
+        from tpc.models_zoo import accepts_method
 
-        return isinstance(method, VisionMethod) or (isinstance(method, PrefillMethod) and not method.stateful)
+        return accepts_method(self.kind, method)
 
     def load(self, path: Path) -> PreTrainedModel:
-        model = self.model_class.from_pretrained(str(path), attn_implementation="sdpa")
-        return model.eval()
+        """`from_pretrained` as for an encoder: safetensors only, no remote code, failures one UsageError line."""
+        from tpc.models_zoo.validate import safe_from_pretrained
+
+        return safe_from_pretrained(self.model_class, path, attn_implementation="sdpa").eval()
 
     def geometry(self, config: PretrainedConfig) -> VisionGeometry:
         return self.tower(config).geometry(config.vision_config)
@@ -199,7 +204,7 @@ def chat_template_ids(path: Path, image_token_id: int) -> list[int] | None:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError):
         return None
     if getattr(tokenizer, "chat_template", None) is None:

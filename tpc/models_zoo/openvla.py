@@ -263,10 +263,15 @@ class OpenVlaForActionPrediction(PreTrainedModel):
         logging.set_verbosity_error()  # the load report; incomplete checkpoints are an error below
         logging.disable_progress_bar()
         try:
-            model, info = cls.from_pretrained(None, config=config, state_dict=state, output_loading_info=True)
+            model, info = cls.from_pretrained(
+                None, config=config, state_dict=state, output_loading_info=True, ignore_mismatched_sizes=True
+            )
         finally:
             logging.set_verbosity(verbosity)
             logging.enable_progress_bar()
+        from tpc.models_zoo.validate import check_loading_info
+
+        check_loading_info({"mismatched_keys": info["mismatched_keys"]}, path)
         missing = info["missing_keys"]
         if missing or info["unexpected_keys"]:
             raise UsageError(
@@ -439,13 +444,23 @@ class OpenVlaAdapter(DecoderParts):
     model_class: ClassVar[type[PreTrainedModel]] = OpenVlaForActionPrediction
 
     def accepts(self, method: Any) -> bool:
-        """Prefill methods (VLA-Pruner, FastV) and the unpruned baseline: the towers are not pruned."""
-        from tpc.methods import PrefillMethod
+        """Prefill methods (VLA-Pruner, FastV) and the unpruned baseline: the towers are not pruned
+        (`tpc.models_zoo.accepts_method`)."""
+        from tpc.models_zoo import accepts_method
 
-        return isinstance(method, PrefillMethod) or not method.prunes
+        return accepts_method(self.kind, method)
 
     def load(self, path: Path) -> OpenVlaForActionPrediction:
-        return OpenVlaForActionPrediction.from_release(path)
+        """The release layout through tpc's own implementation (the directory's code is never run), from
+        safetensors only; headers and shapes are checked first, and any failure is one UsageError line."""
+        from tpc.models_zoo.validate import check_weights, loading
+
+        with loading(path):
+            config = OpenVlaConfig.from_pretrained(str(path), local_files_only=True)
+            with torch.device("meta"):
+                release = modules_to_release(OpenVlaForActionPrediction(config).state_dict(), config)
+            check_weights(path, {name: tuple(tensor.shape) for name, tensor in release.items()})
+            return OpenVlaForActionPrediction.from_release(path)
 
     def save(self, model: OpenVlaForActionPrediction, path: Path) -> None:
         model.save_release(path)

@@ -8,6 +8,10 @@ real geometry of the models they are named after (benchmarks).
 Attention in a freshly initialised ViT is almost uniform, which would make every "most attended" choice a
 near-tie. The zoo initialises with a larger `initializer_factor` so attention is peaked, as in a trained
 encoder, and the selections are stable under the float rounding of different runtimes.
+
+Importing this module does not import torch or transformers (`tpc zoo` lists the entries without them): each
+entry declares the tokens and layers `tpc zoo` shows (tests/test_startup.py checks them against the config it
+makes), and the config classes are imported when a config is made.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, PretrainedConfig, SiglipVisionConfig
+if TYPE_CHECKING:
+    from transformers import LlavaConfig, PretrainedConfig
 
-from tpc.models_zoo.openvla import OpenVlaConfig
+    from tpc.models_zoo.openvla import OpenVlaConfig
 
 
 @dataclass(frozen=True)
@@ -33,11 +38,22 @@ class ZooEntry:
     family: str
     summary: str
     make_config: Callable[[], PretrainedConfig]
+    # what `tpc zoo` lists without making the config (no transformers): patch tokens, prefix (CLS) tokens and
+    # encoder layers, as the family's `geometry(make_config())` states them (tests/test_startup.py checks it)
+    patches: int
+    prefix: int
+    layers: int
     seed: int = 0
 
 
-def _tiny(config_class: type[PretrainedConfig]) -> Callable[[], PretrainedConfig]:
-    return lambda: config_class(
+def _transformers_config(name: str) -> type[PretrainedConfig]:
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def _tiny(config_class: str) -> Callable[[], PretrainedConfig]:
+    return lambda: _transformers_config(config_class)(
         image_size=64,
         patch_size=4,  # 16 x 16 = 256 patches
         hidden_size=64,
@@ -50,6 +66,8 @@ def _tiny(config_class: type[PretrainedConfig]) -> Callable[[], PretrainedConfig
 
 def _tiny_llava() -> LlavaConfig:
     """tiny-clip's tower + a 4-layer Llama (GQA: 4 query heads, 2 KV heads); 256 image tokens, exports in seconds."""
+    from transformers import LlamaConfig, LlavaConfig
+
     text = LlamaConfig(
         vocab_size=512,
         hidden_size=64,
@@ -61,7 +79,7 @@ def _tiny_llava() -> LlavaConfig:
         initializer_range=0.1,  # peaked attention and logits, as in a trained model (see the module docstring)
     )
     return LlavaConfig(
-        vision_config=_tiny(CLIPVisionConfig)().to_dict(),
+        vision_config=_tiny("CLIPVisionConfig")().to_dict(),
         text_config=text.to_dict(),
         image_token_id=500,
         image_seq_length=256,
@@ -72,6 +90,8 @@ def _llava_bench() -> LlavaConfig:
     """LLaVA-1.5's token geometry (336 px / 14 -> 24x24 = 576 image tokens, CLIP layers 24, feature layer -2)
     at reduced width, so that on 2 CPU cores the decoder prefill dominates time to first token as the 7B decoder
     does on a GPU, and one prefill takes about a second."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
     vision = CLIPVisionConfig(
         image_size=336,
         patch_size=14,
@@ -127,9 +147,28 @@ def _fused_towers(width: int, depths: tuple[int, int], heads: int, inner: int) -
 
 def _openvla(towers: list[dict], pad_id: int, **text: int | float) -> OpenVlaConfig:
     """A policy config: the towers, a Llama decoder whose vocabulary ends with 64 padding ids after `pad_id`."""
+    from transformers import LlamaConfig
+
+    from tpc.models_zoo.openvla import OpenVlaConfig
+
     llama = LlamaConfig(vocab_size=pad_id + 64, max_position_embeddings=2048, pad_token_id=pad_id, **text)
     return OpenVlaConfig(
         text_config=llama.to_dict(), norm_stats=_action_stats(), pad_token_id=pad_id, tower_specs=towers
+    )
+
+
+def _clip_vit_l_336() -> PretrainedConfig:
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        image_size=336,
+        patch_size=14,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        projection_dim=768,
+        initializer_factor=4.0,
     )
 
 
@@ -160,41 +199,50 @@ def _openvla_bench() -> OpenVlaConfig:
 ZOO: dict[str, ZooEntry] = {
     entry.name: entry
     for entry in (
-        ZooEntry("tiny-clip", "clip", "CLIP ViT, 4 layers, 16x16 patches + CLS, d=64", _tiny(CLIPVisionConfig)),
-        ZooEntry("tiny-siglip", "siglip", "SigLIP ViT, 4 layers, 16x16 patches, d=64", _tiny(SiglipVisionConfig)),
+        ZooEntry(
+            "tiny-clip", "clip", "CLIP ViT, 4 layers, 16x16 patches + CLS, d=64", _tiny("CLIPVisionConfig"), 256, 1, 4
+        ),
+        ZooEntry(
+            "tiny-siglip", "siglip", "SigLIP ViT, 4 layers, 16x16 patches, d=64", _tiny("SiglipVisionConfig"), 256, 0, 4
+        ),
         ZooEntry(
             "clip-vit-l-336",
             "clip",
             "CLIP ViT-L/14-336 geometry (LLaVA-1.5's tower): 24 layers, 24x24 patches + CLS, d=1024",
-            lambda: CLIPVisionConfig(
-                image_size=336,
-                patch_size=14,
-                hidden_size=1024,
-                intermediate_size=4096,
-                num_hidden_layers=24,
-                num_attention_heads=16,
-                projection_dim=768,
-                initializer_factor=4.0,
-            ),
+            _clip_vit_l_336,
+            576,
+            1,
+            24,
         ),
-        ZooEntry("tiny-llava", "llava", "LLaVA: tiny-clip tower, MLP projector, 4-layer Llama d=64", _tiny_llava),
+        ZooEntry(
+            "tiny-llava", "llava", "LLaVA: tiny-clip tower, MLP projector, 4-layer Llama d=64", _tiny_llava, 256, 1, 4
+        ),
         ZooEntry(
             "llava-bench",
             "llava",
             "LLaVA-1.5 token geometry (576 image tokens), narrow CLIP tower, 12-layer Llama d=768 (benchmarks)",
             _llava_bench,
+            576,
+            1,
+            24,
         ),
         ZooEntry(
             "tiny-openvla",
             "openvla",
             "OpenVLA policy: DINOv2 + SigLIP towers (3 blocks, d=32), fused projector, 4-layer Llama d=64",
             _tiny_openvla,
+            256,
+            0,
+            3,
         ),
         ZooEntry(
             "openvla-bench",
             "openvla",
             "OpenVLA-7B token geometry (256 image tokens, ~280-token prompt), narrow towers, 8-layer Llama d=1024",
             _openvla_bench,
+            256,
+            0,
+            24,
         ),
     )
 }
@@ -212,6 +260,8 @@ def _fingerprint(entry: ZooEntry) -> str:
 
 def materialize(entry: ZooEntry) -> Path:
     """Directory holding the entry's config.json + model.safetensors; built once, then reused."""
+    import torch
+
     from tpc.models_zoo import adapter_for_family
 
     target = cache_root() / "zoo" / f"{entry.name}-{_fingerprint(entry)}"

@@ -1,11 +1,14 @@
-"""Runtimes, one module each: load an artifact, run it, time it."""
+"""Runtimes, one module each: load an artifact, run it, time it; and the loops over an export: `Encoder`, `VLM`
+(greedy generation) and `tpc.runtimes.policy.Policy`. numpy and the runtime's own package only, never torch."""
 
 from __future__ import annotations
 
 from tpc.runtimes.base import Runtime
 from tpc.runtimes.coreml import CoreMLRuntime
+from tpc.runtimes.encoder import Encoder
 from tpc.runtimes.executorch import ExecuTorchRuntime
 from tpc.runtimes.generation import VLM, GenerationLoop
+from tpc.runtimes.inputs import NonFiniteInputWarning
 from tpc.runtimes.onnxruntime import OnnxRuntime
 from tpc.runtimes.tensorrt import TensorRTRuntime
 
@@ -17,8 +20,10 @@ __all__ = [
     "RUNTIMES",
     "VLM",
     "CoreMLRuntime",
+    "Encoder",
     "ExecuTorchRuntime",
     "GenerationLoop",
+    "NonFiniteInputWarning",
     "OnnxRuntime",
     "Runtime",
     "TensorRTRuntime",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +39,18 @@ class Runtime(ABC):
     # True: `load(forced=...)` cuts the artifact's graph to teacher-force it; False: the export writes a separate
     # teacher-forced artifact (`teacher_forced` in tpc.json) whose inputs end with `kept_indices`
     cuts_outputs: ClassVar[bool] = True
+    requires: ClassVar[tuple[str, ...]] = ()  # importable modules `load` needs
+    extra: ClassVar[str] = ""  # the pip extra that installs them
+
+    @classmethod
+    def check_installed(cls) -> None:
+        """One line naming the extra to install when a module this runtime needs is missing."""
+        missing = [module for module in cls.requires if importlib.util.find_spec(module) is None]
+        if missing:
+            raise UsageError(
+                f"the {cls.name} runtime needs {', '.join(missing)}, which is not installed; install it with: "
+                f"pip install 'tpc[{cls.extra}]' -c constraints.txt"
+            )
 
     @classmethod
     @abstractmethod
@@ -53,19 +67,68 @@ class Runtime(ABC):
         return {}
 
 
-def load_components(directory: str | Path, section: str, what: str) -> tuple[Any, dict[str, Callable]]:
-    """An export's manifest and each component's `run`, in its target's runtime; the manifest must have `section`
-    (`generation` for a VLM, `policy` for a policy), else one clear error naming `what` was expected."""
-    from tpc.exporter import runtime_for
+# target (tpc.json `target`) -> the runtime that runs its artifacts; tpc.exporter's targets say the same
+# (`Target.runtime`, tested), but importing them would import torch, which a runtime never needs
+TARGET_RUNTIMES = {"onnx": "onnxruntime", "tensorrt": "tensorrt", "executorch": "executorch", "coreml": "coreml"}
+# what each kind of export is, by the manifest section it has, and the class that runs it
+KINDS = {"generation": ("a VLM", "tpc.runtimes.VLM"), "policy": ("a policy", "tpc.runtimes.policy.Policy")}
+ENCODER = ("an encoder", "tpc.runtimes.Encoder")
+
+
+def runtime_class(target: str) -> type[Runtime]:
+    """The runtime that runs `target`'s artifacts, checked installed (one line naming the extra otherwise)."""
+    from tpc.runtimes import RUNTIMES
+
+    if target not in TARGET_RUNTIMES:
+        raise UsageError(f"tpc.json names the target '{target}', which this tpc cannot run; re-export it")
+    runtime = RUNTIMES[TARGET_RUNTIMES[target]]
+    runtime.check_installed()
+    return runtime
+
+
+def load_export(directory: str | Path, section: str | None) -> tuple[Any, dict[str, Callable]]:
+    """An export's manifest and each component's `run`, in its target's runtime. `section`: the manifest section
+    the kind of export has (`generation` for a VLM, `policy` for a policy, None for an encoder); an export of
+    another kind is one line naming the class that loads it."""
+    directory = Path(directory)
     from tpc.exporter.manifest import Manifest
 
-    directory = Path(directory)
     manifest = Manifest.read(directory)
-    if getattr(manifest, section) is None:
-        family = manifest.model["family"]
-        raise UsageError(f"'{directory}' is a {family} export, not {what} (tpc.json has no {section})")
-    runtime = runtime_for(manifest.target)
+    have = next((name for name in KINDS if getattr(manifest, name, None) is not None), None)
+    if have != section:
+        what = KINDS[section][0] if section else ENCODER[0]
+        kind, loader = KINDS[have] if have else ENCODER
+        raise UsageError(f"'{directory}' is {kind} export, not {what}: load it with {loader}.load")
+    runtime = runtime_class(manifest.target)
     return manifest, {c.name: open_component(runtime, directory, c).run for c in manifest.components}
+
+
+def artifact_path(artifact: str | Path, what: str, directory: bool = False) -> Path:
+    """`artifact` if it exists as a non-empty file (a directory for `directory` formats such as `.mlpackage`),
+    else one UsageError line saying to re-export."""
+    path = Path(artifact)
+    if not path.exists():
+        raise UsageError(f"'{path}' does not exist: the export is incomplete; re-export it")
+    if directory and not path.is_dir():
+        raise UsageError(f"'{path}' is not a valid {what} (not a directory); re-export it")
+    if not directory:
+        if not path.is_file():
+            raise UsageError(f"'{path}' is not a valid {what} (not a file); re-export it")
+        if path.stat().st_size == 0:
+            raise UsageError(f"'{path}' is not a valid {what} (the file is empty); re-export it")
+    return path
+
+
+def invalid_artifact(path: str | Path, what: str, error: BaseException | str) -> UsageError:
+    """The one line for an artifact its runtime refuses: its first line of reason, shortened."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "] : " in reason:  # onnxruntime's "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : ..." prefix
+        reason = reason.rsplit(" : ", 1)[-1]
+    if reason.startswith("Load model from ") and " failed:" in reason:  # ... and the path we print already
+        reason = reason.split(" failed:", 1)[1].strip()
+    if len(reason) > 160:
+        reason = reason[:157] + "..."
+    return UsageError(f"'{path}' is not a valid {what} ({reason}); re-export it")
 
 
 KEPT_INDICES = "kept_indices"  # the output every selecting graph has, and the input teacher forcing feeds
@@ -78,6 +141,8 @@ def open_component(runtime: type[Runtime], directory: Path, spec: Any, teacher_f
     the runtime can, else from the teacher-forced artifact the export wrote beside it. A staged component (a
     policy step lowered as prefill + decode) opens both stages behind one step-shaped session.
     """
+    from tpc.exporter.manifest import inside
+
     if spec.stages:
         from tpc.runtimes.staged import StagedStep
 
@@ -87,9 +152,10 @@ def open_component(runtime: type[Runtime], directory: Path, spec: Any, teacher_f
     inputs, outputs = tuple(s.name for s in spec.inputs), tuple(s.name for s in spec.outputs)
     entry = Entry(spec.method, inputs, outputs)
     if not teacher_forced:
-        return runtime.load(directory / spec.artifact, entry)
+        return runtime.load(inside(directory, spec.artifact, "artifact"), entry)
     if runtime.cuts_outputs:
-        return runtime.load(directory / spec.artifact, entry, forced=(KEPT_INDICES,))
+        return runtime.load(inside(directory, spec.artifact, "artifact"), entry, forced=(KEPT_INDICES,))
     if spec.teacher_forced is None:
         raise UsageError(f"'{directory}' has no teacher-forced artifact for '{spec.name}'; re-export it")
-    return runtime.load(directory / spec.teacher_forced, Entry(spec.method, (*inputs, KEPT_INDICES), outputs))
+    forced_path = inside(directory, spec.teacher_forced, "teacher_forced artifact")
+    return runtime.load(forced_path, Entry(spec.method, (*inputs, KEPT_INDICES), outputs))

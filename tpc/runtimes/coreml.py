@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from tpc.errors import RuntimeUnavailable, unknown_name
-from tpc.runtimes.base import ONLY_GRAPH, Entry, Runtime
+from tpc.errors import RuntimeUnavailable, UsageError, unknown_name
+from tpc.runtimes.base import ONLY_GRAPH, Entry, Runtime, artifact_path, invalid_artifact
 
 # Option value -> coremltools.ComputeUnit member name.
 COMPUTE_UNITS: dict[str, str] = {
@@ -49,6 +49,33 @@ def unavailable_reason() -> str | None:
     return None
 
 
+MLPACKAGE = "Core ML package"
+
+
+def check_mlpackage(artifact: str | Path) -> Path:
+    """`artifact` if it is a complete `.mlpackage` (checked without coremltools, so on any OS): a directory whose
+    `Manifest.json` names its root model, every item it lists present under `Data/`, the root model non-empty.
+    Otherwise one UsageError line."""
+    path = artifact_path(artifact, MLPACKAGE, directory=True)
+    manifest = path / "Manifest.json"
+    try:
+        data = json.loads(manifest.read_text())
+        items = data["itemInfoEntries"]
+        root = items[data["rootModelIdentifier"]]["path"]
+        paths = [item["path"] for item in items.values()]
+    except FileNotFoundError:
+        raise UsageError(f"'{path}' is not a valid {MLPACKAGE} (it has no Manifest.json); re-export it") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise invalid_artifact(path, MLPACKAGE, f"unreadable Manifest.json: {type(err).__name__} {err}") from None
+    for relative in paths:
+        item = path / "Data" / relative
+        if not item.exists() or (relative == root and (not item.is_file() or item.stat().st_size == 0)):
+            raise UsageError(
+                f"'{path}' is not a valid {MLPACKAGE} ('Data/{relative}' is missing or empty); re-export it"
+            )
+    return path
+
+
 def check_compute_units(value: str) -> str:
     if value not in COMPUTE_UNITS:
         raise unknown_name("Core ML compute units", value, COMPUTE_UNITS)
@@ -58,6 +85,8 @@ def check_compute_units(value: str) -> str:
 class CoreMLRuntime(Runtime):
     name = "coreml"
     cuts_outputs = False  # an ML program cannot be cut at run time: teacher forcing loads a second artifact
+    requires = ("coremltools",)
+    extra = "coreml"
 
     def __init__(self, model: Any, spec: Any) -> None:
         self.model = model
@@ -87,15 +116,22 @@ class CoreMLRuntime(Runtime):
                 f"Core ML artifacts cannot turn outputs {list(forced)} into inputs at run time; teacher forcing "
                 "uses a separately converted artifact that takes kept_indices as an input"
             )
+        path = check_mlpackage(artifact)  # a damaged package is an error on any OS, before the platform check
         reason = unavailable_reason()
         if reason is not None:
             raise RuntimeUnavailable(reason)
         import coremltools as ct
 
-        spec = ct.utils.load_spec(str(artifact))
+        try:
+            spec = ct.utils.load_spec(str(path))
+        except Exception as err:  # protobuf's DecodeError and coremltools' own
+            raise invalid_artifact(path, MLPACKAGE, err) from None
         units = compute_units or dict(spec.description.metadata.userDefined).get(COMPUTE_UNITS_KEY, "all")
         check_compute_units(units)
-        model = ct.models.MLModel(str(artifact), compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[units]))
+        try:
+            model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[units]))
+        except Exception as err:  # Core ML's compiler refusing the model
+            raise invalid_artifact(path, MLPACKAGE, err) from None
         return cls(model, spec)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -4,17 +4,22 @@ The loop is the deployment protocol written in tpc.json (`generation.protocol`):
 then one decode call per new token feeding the cache back. It takes the components as callables
 (name -> outputs), so the same loop drives an exported artifact in its runtime and the eager PyTorch
 components that verification compares it with.
+
+`generate` takes numpy arrays or torch tensors (`tpc.runtimes.inputs`): pixel values of any float dtype, converted
+to the vision graph's; integer prompt ids of the export's static layout, each inside the vocabulary (or the image
+token id). Loaded from an export (`VLM.load`), the shapes, dtypes and the vocabulary come from its tpc.json.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tpc.errors import UsageError
+from tpc.runtimes.inputs import check_floats, check_ids, resolve_strict
 
 RunComponent = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -41,30 +46,85 @@ def prefill_ids(generation: dict[str, Any], input_ids: np.ndarray) -> np.ndarray
     return np.concatenate([input_ids[:, : start + kept], input_ids[:, start + count :]], axis=1)
 
 
+def vocab_size(generation: dict[str, Any], components: Sequence[Any]) -> tuple[int | None, str]:
+    """The decoder's vocabulary size and where it came from: `generation.vocab_size` when tpc.json has it, else
+    the last axis of the prefill graph's `logits` output (one score per token of the vocabulary)."""
+    if generation.get("vocab_size"):
+        return int(generation["vocab_size"]), "tpc.json generation.vocab_size"
+    for component in components:
+        for output in component.outputs if component.name == "prefill" else ():
+            if output.name == "logits":
+                return int(output.shape[-1]), "the width of the prefill graph's logits"
+    return None, ""
+
+
 class GenerationLoop:
-    def __init__(self, components: Mapping[str, RunComponent], generation: dict[str, Any]) -> None:
+    """`components`: vision, prefill, decode (name -> callable). `pixel_spec`: the vision graph's `pixel_values`
+    (shape, dtype) and `vocab`: the vocabulary size, both from the export's manifest (`VLM.load`); without them
+    (eager components) any batch and image size pass and the dtype is kept. `strict`: NaN/inf pixels raise
+    instead of warning."""
+
+    def __init__(
+        self,
+        components: Mapping[str, RunComponent],
+        generation: dict[str, Any],
+        pixel_spec: tuple[Sequence[int], str] | None = None,
+        vocab: tuple[int | None, str] = (None, ""),
+        strict: bool = False,
+    ) -> None:
         self.components = components
         self.generation = generation
+        self.pixel_spec = pixel_spec
+        self.vocab = vocab
+        self.strict = strict
+
+    def check_inputs(self, pixel_values: Any, input_ids: Any, strict: bool | None = None) -> tuple[np.ndarray, ...]:
+        """(pixel_values, input_ids) as the graphs take them, or one UsageError line naming the expected layout."""
+        prompt, image_id = self.generation["prompt"], self.generation["image_token_id"]
+        start, count = prompt["image_start"], prompt["image_tokens"]
+        shape, dtype = self.pixel_spec if self.pixel_spec else ((None, None, None, None), None)
+        pixels = check_floats(
+            pixel_values,
+            "pixel_values",
+            shape,
+            dtype,
+            "batch, channels, height, width: the processor's normalised image",
+            resolve_strict(strict, self.strict),
+            stacklevel=3,
+        )
+        layout = (
+            f"batch, {prompt['length']} = {prompt['text_tokens']} text + {count} image tokens (id {image_id}) at "
+            f"positions {start}..{start + count - 1}; re-export with --prompt-len to change the text length"
+        )
+        size, source = self.vocab
+        ids = check_ids(input_ids, "input_ids", (pixels.shape[0], prompt["length"]), layout, size, source, (image_id,))
+        return pixels, ids
 
     def generate(
         self,
-        pixel_values: np.ndarray,
-        input_ids: np.ndarray,
+        pixel_values: Any,
+        input_ids: Any,
         max_new_tokens: int | None = None,
         stop_at_eos: bool = True,
+        strict: bool | None = None,
     ) -> np.ndarray:
         """Greedy tokens (B, n) after the prompt; n <= max_new_tokens, fewer if every row ended with EOS.
 
-        `input_ids`: the prompt as transformers' processor makes it (the image expanded to its image tokens),
-        of the export's static length. Rows that ended are padded with their EOS, as `generate` pads them.
+        `pixel_values`: (B, C, H, W), any float dtype, numpy or torch. `input_ids`: the prompt as transformers'
+        processor makes it (the image expanded to its image tokens), of the export's static length. Rows that
+        ended are padded with their EOS, as `generate` pads them. `strict`: NaN/inf pixels raise instead of warning
+        (default: the loop's `strict`).
         """
         limit = self.generation["max_new_tokens"]
         steps = limit if max_new_tokens is None else max_new_tokens
-        if not 1 <= steps <= limit:
-            raise UsageError(f"max_new_tokens {steps} is outside 1..{limit}, the cache size this export was built for")
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= limit:
+            raise UsageError(
+                f"max_new_tokens {steps!r} is not an integer in 1..{limit}, the cache size this export was built for"
+            )
+        pixel_values, input_ids = self.check_inputs(pixel_values, input_ids, strict)
         eos = np.asarray(self.generation["eos_token_ids"] if stop_at_eos else [], dtype=np.int64)
         image_embeds = self.components["vision"]({"pixel_values": pixel_values})["image_embeds"]
-        ids = prefill_ids(self.generation, np.asarray(input_ids, dtype=np.int64))
+        ids = prefill_ids(self.generation, input_ids)
         out = self.components["prefill"]({"input_ids": ids, "image_embeds": image_embeds})
         tokens: list[np.ndarray] = []
         finished = np.zeros(ids.shape[0], dtype=bool)
@@ -89,13 +149,18 @@ class GenerationLoop:
 class VLM(GenerationLoop):
     """An exported VLM, loaded in the runtime of its target: `VLM.load(DIR).generate(pixel_values, input_ids)`."""
 
-    def __init__(self, components: Mapping[str, RunComponent], manifest: Any) -> None:
-        super().__init__(components, manifest.generation)
+    def __init__(self, components: Mapping[str, RunComponent], manifest: Any, strict: bool = False) -> None:
+        vision = next(c for c in manifest.components if c.name == "vision")
+        pixels = next(s for s in vision.inputs if s.name == "pixel_values")
+        vocab = vocab_size(manifest.generation, manifest.components)
+        super().__init__(components, manifest.generation, (pixels.shape, pixels.dtype), vocab, strict)
         self.manifest = manifest
 
     @classmethod
-    def load(cls, directory: str | Path) -> VLM:
-        from tpc.runtimes.base import load_components
+    def load(cls, directory: str | Path, strict: bool = False) -> VLM:
+        """Open the export's vision, prefill and decode graphs in its target's runtime. `strict`: NaN/inf pixel
+        values raise a UsageError instead of a `NonFiniteInputWarning`."""
+        from tpc.runtimes.base import load_export
 
-        manifest, runs = load_components(directory, "generation", "a VLM")
-        return cls(runs, manifest)
+        manifest, runs = load_export(directory, "generation")
+        return cls(runs, manifest, strict)

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tpc.runtimes.base import ONLY_GRAPH, Entry, Runtime
+from tpc.errors import UsageError
+from tpc.runtimes.base import ONLY_GRAPH, Entry, Runtime, artifact_path, invalid_artifact
+
+ONNX_MODEL = "ONNX model"
 
 
 def _producer_tensor(graph: object, name: str) -> str:
@@ -20,6 +23,21 @@ def _producer_tensor(graph: object, name: str) -> str:
     while name in producers and producers[name].op_type == "Identity":
         name = producers[name].input[0]
     return name
+
+
+def read_onnx(artifact: str | Path) -> object:
+    """The ModelProto of an ONNX file (external data loaded); a missing, empty or unparsable file, or one without
+    a graph, is one UsageError line."""
+    import onnx
+
+    path = artifact_path(artifact, ONNX_MODEL)
+    try:
+        model = onnx.load(str(path))
+    except Exception as err:  # protobuf's DecodeError, a missing external-data file, ...
+        raise invalid_artifact(path, ONNX_MODEL, err) from None
+    if not model.graph.node or not model.graph.output:
+        raise UsageError(f"'{path}' is not a valid {ONNX_MODEL} (it has no graph); re-export it")
+    return model
 
 
 def force_tensors(model: object, outputs: tuple[str, ...]) -> tuple[object, dict[str, str]]:
@@ -47,6 +65,8 @@ def force_tensors(model: object, outputs: tuple[str, ...]) -> tuple[object, dict
 
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
+    requires = ("onnxruntime",)
+    extra = "onnx"
 
     def __init__(self, session: object, feeds: dict[str, str]) -> None:
         self.session = session
@@ -55,16 +75,22 @@ class OnnxRuntime(Runtime):
 
     @classmethod
     def load(cls, artifact: Path, entry: Entry = ONLY_GRAPH, forced: tuple[str, ...] = ()) -> OnnxRuntime:
-        """An ONNX file has one graph, with its own I/O names: `entry` is not needed."""
-        import onnx
+        """An ONNX file has one graph, with its own I/O names: `entry` is not needed. A missing, empty, truncated
+        or otherwise unloadable file is one UsageError line."""
         import onnxruntime as ort
 
+        path = artifact_path(artifact, ONNX_MODEL)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if not forced:
-            return cls(ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"]), {})
-        model, feeds = force_tensors(onnx.load(str(artifact)), forced)
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feeds: dict[str, str] = {}
+        model: str | bytes = str(path)
+        if forced:
+            forced_model, feeds = force_tensors(read_onnx(path), forced)
+            model = forced_model.SerializeToString()
+        try:
+            session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+            raise invalid_artifact(path, ONNX_MODEL, err) from None
         return cls(session, feeds)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

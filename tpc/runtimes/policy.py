@@ -10,6 +10,11 @@ A stateless export (the unpruned policy, FastV) has one graph, `step`.
 
 Actions are decoded as the OpenVLA release does: token id t is bin `action_vocab_size - t - 1` (clipped), whose
 centre in [-1, 1] is un-normalised with the dataset's q01/q99 where the mask says so.
+
+`step` takes numpy arrays or torch tensors (`tpc.runtimes.inputs`): the camera image as (H, W, 3) uint8 RGB, or
+pixel values already normalised, (1, 3 * towers, H, W) of any float dtype; the prompt ids as (T,) or (1, T)
+integers inside the vocabulary (`policy.vocab_size` in tpc.json, else `action_vocab_size`: the vocabulary without
+its padding, which a tokenizer never produces).
 """
 
 from __future__ import annotations
@@ -22,19 +27,22 @@ from typing import Any
 import numpy as np
 
 from tpc.errors import UsageError
-from tpc.runtimes.base import KEPT_INDICES, load_components
+from tpc.runtimes.base import KEPT_INDICES, load_export
+from tpc.runtimes.inputs import check_floats, check_ids, describe, resolve_strict, shape_text, to_numpy
 
 RunComponent = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 WARMUP, PRUNED, STEP = "warmup", "pruned", "step"
 
 
-def preprocess(image: np.ndarray, policy: dict[str, Any]) -> np.ndarray:
+def preprocess(image: Any, policy: dict[str, Any]) -> np.ndarray:
     """(H, W, 3) uint8 RGB at the policy's resolution -> (1, 6, H, W) float32: each tower's normalisation."""
     size = policy["image"]["size"]
+    image = to_numpy(image, "image")
     if image.dtype != np.uint8 or image.shape != (size, size, 3):
         raise UsageError(
-            f"image must be a ({size}, {size}, 3) uint8 RGB array (resize it to the policy's resolution first), "
-            f"got {image.dtype}{list(image.shape)}"
+            f"image must be a ({size}, {size}, 3) uint8 RGB array (resize it to the policy's resolution first), or "
+            f"pixel values {shape_text(pixel_shape(policy))} of any float dtype normalised as tpc.json "
+            f"policy.image says; got {describe(image)}"
         )
     scaled = image.astype(np.float32).transpose(2, 0, 1) / 255.0
     planes = []
@@ -43,6 +51,20 @@ def preprocess(image: np.ndarray, policy: dict[str, Any]) -> np.ndarray:
         std = np.asarray(stats["std"], dtype=np.float32)[:, None, None]
         planes.append((scaled - mean) / std)
     return np.concatenate(planes, axis=0)[None].astype(np.float32)
+
+
+def pixel_shape(policy: dict[str, Any]) -> tuple[int, int, int, int]:
+    """The step graphs' `pixel_values` shape: (1, 3 per tower, size, size)."""
+    size = policy["image"]["size"]
+    return (1, 3 * len(policy["image"]["normalization"]), size, size)
+
+
+def vocab_size(policy: dict[str, Any]) -> tuple[int, str]:
+    """The highest prompt id + 1 and where it comes from: `policy.vocab_size` when tpc.json has it, else
+    `action_vocab_size`, the vocabulary without its padding rows (every id a tokenizer produces lies below it)."""
+    if policy.get("vocab_size"):
+        return int(policy["vocab_size"]), "tpc.json policy.vocab_size"
+    return int(policy["action_vocab_size"]), "tpc.json policy.action_vocab_size"
 
 
 def actions_from_tokens(tokens: np.ndarray, policy: dict[str, Any]) -> np.ndarray:
@@ -57,16 +79,34 @@ def actions_from_tokens(tokens: np.ndarray, policy: dict[str, Any]) -> np.ndarra
     return np.where(mask, 0.5 * (normalized + 1) * (high - low) + low, normalized)
 
 
-def prompt_ids(instruction: np.ndarray | list[int], policy: dict[str, Any]) -> np.ndarray:
-    """Token ids of the prompt (BOS first) -> (1, T) int64, checked against the export's static length."""
-    ids = np.asarray(instruction, dtype=np.int64).reshape(1, -1)
-    expected = policy["prompt"]["text_tokens"]
-    if ids.shape[1] != expected:
+def prompt_ids(instruction: Any, policy: dict[str, Any]) -> np.ndarray:
+    """Token ids of the prompt (BOS first), (T,) or (1, T) -> (1, T) int64, checked against the export's static
+    length and the vocabulary."""
+    prompt = policy["prompt"]
+    text, total, image = prompt["text_tokens"], prompt["length"], prompt["image_tokens"]
+    template = prompt["template"].replace("\n", "\\n")  # one line
+    ids = to_numpy(instruction, "the prompt")
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim == 2 and ids.shape[0] == 1 and ids.shape[1] != text:
+        got = ids.shape[1]
+        if got == total:
+            fix = (
+                f"you passed the whole decoder sequence; pass only the {text} text ids (BOS + the tokenized "
+                f"prompt): the graph inserts the {image} image tokens after BOS itself"
+            )
+        else:
+            fix = (
+                f"tokenize '{template}' with the model's tokenizer (BOS first) to {text} ids, or re-export "
+                f"with --prompt-len {got} to take {got} text tokens"
+            )
         raise UsageError(
-            f"the prompt has {ids.shape[1]} tokens; this export takes {expected} (BOS + "
-            f"'{policy['prompt']['template']}' tokenized; re-export with --prompt-len {ids.shape[1]})"
+            f"the prompt has {got} tokens; this export takes {text} text tokens (BOS + the instruction prompt), "
+            f"which with the {image} image tokens make its {total}-token decoder prompt: {fix}"
         )
-    return ids
+    size, source = vocab_size(policy)
+    layout = f"1, {text} text tokens: BOS + '{template}' tokenized"
+    return check_ids(ids, "the prompt", (1, text), layout, size, source)
 
 
 @dataclass
@@ -84,16 +124,19 @@ class Policy:
     """An exported policy and its state. `components`: graph name -> callable (a runtime session's `run`, or the
     eager module's, which is how verification compares the two with the same loop)."""
 
-    def __init__(self, components: Mapping[str, RunComponent], policy: dict[str, Any]) -> None:
+    def __init__(self, components: Mapping[str, RunComponent], policy: dict[str, Any], strict: bool = False) -> None:
         self.components = components
         self.policy = policy
         self.stateful = WARMUP in components
+        self.strict = strict
         self.reset()
 
     @classmethod
-    def load(cls, directory: str | Path) -> Policy:
-        manifest, runs = load_components(directory, "policy", "a policy")
-        return cls(runs, manifest.policy)
+    def load(cls, directory: str | Path, strict: bool = False) -> Policy:
+        """Open the export's step graphs in its target's runtime. `strict`: NaN/inf pixel values raise a
+        UsageError instead of a `NonFiniteInputWarning`."""
+        manifest, runs = load_export(directory, "policy")
+        return cls(runs, manifest.policy, strict)
 
     @property
     def window(self) -> int:
@@ -105,12 +148,23 @@ class Policy:
         self.history = np.zeros(shape, dtype=np.float32)
         self.history_len = 0
 
-    def step(self, image: np.ndarray, instruction: np.ndarray | list[int]) -> np.ndarray:
-        """One control step: an (H, W, 3) uint8 image (or (1, 6, H, W) pixel values) and the prompt ids -> action."""
-        return self.step_result(image, instruction).action
+    def step(self, image: Any, instruction: Any, strict: bool | None = None) -> np.ndarray:
+        """One control step: an (H, W, 3) uint8 image (or (1, 6, H, W) float pixel values) and the prompt ids
+        (numpy or torch) -> the action. `strict`: NaN/inf pixel values raise (default: the policy's `strict`)."""
+        return self.step_result(image, instruction, strict).action
 
-    def step_result(self, image: np.ndarray, instruction: np.ndarray | list[int]) -> StepResult:
-        pixels = image if image.dtype == np.float32 and image.ndim == 4 else preprocess(image, self.policy)
+    def pixels(self, image: Any, strict: bool | None = None) -> np.ndarray:
+        """The step graphs' `pixel_values` for a camera image (uint8, preprocessed here) or for pixel values."""
+        image = to_numpy(image, "image")
+        if image.ndim != 4:
+            return preprocess(image, self.policy)
+        layout = "1, 3 channels per vision tower, height, width: each tower's normalisation, as tpc.json policy.image"
+        return check_floats(
+            image, "pixel_values", pixel_shape(self.policy), "float32", layout, resolve_strict(strict, self.strict), 4
+        )
+
+    def step_result(self, image: Any, instruction: Any, strict: bool | None = None) -> StepResult:
+        pixels = self.pixels(image, strict)
         inputs = {"pixel_values": pixels, "input_ids": prompt_ids(instruction, self.policy)}
         if not self.stateful:
             graph = STEP

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from tpc.errors import RuntimeUnavailable
+from tpc.errors import RuntimeUnavailable, UsageError
 from tpc.runtimes.base import ONLY_GRAPH, Entry, Runtime
-from tpc.runtimes.onnxruntime import force_tensors
+from tpc.runtimes.onnxruntime import force_tensors, read_onnx
 
 PLUGIN_LIBRARY = Path("plugin") / "build" / "libtpc_trt_plugin.so"  # where build_engine.sh builds it
 UNAVAILABLE = (
@@ -67,6 +67,8 @@ def build_engine(onnx_bytes: bytes, fp16: bool, plugin: Path | None) -> bytes:
 
 class TensorRTRuntime(Runtime):
     name = "tensorrt"
+    requires = ("onnx",)  # and tensorrt itself, which `load` reports as unavailable (not installable by pip here)
+    extra = "tensorrt"
 
     def __init__(self, engine: Any, feeds: dict[str, str]) -> None:
         self.engine = engine
@@ -79,9 +81,9 @@ class TensorRTRuntime(Runtime):
         a teacher-forced engine is built in memory only)."""
         import onnx
 
+        model = read_onnx(artifact)  # a damaged file is an error on any machine, before the availability check
         trt = _tensorrt()
         artifact = Path(artifact)
-        model = onnx.load(str(artifact))
         fp16 = any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
         plugin = plugin_library(artifact.parent)
         feeds: dict[str, str] = {}
@@ -97,6 +99,11 @@ class TensorRTRuntime(Runtime):
             serialized = build_engine(model.SerializeToString(), fp16, plugin)
             engine_path.write_bytes(serialized)
         engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(serialized)
+        if engine is None:
+            raise UsageError(
+                f"'{engine_path}' is not a TensorRT engine this GPU and TensorRT {trt.__version__} can run (built "
+                "elsewhere, or damaged); delete it and load again to rebuild it from the ONNX"
+            )
         return cls(engine, feeds)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
