@@ -10,6 +10,7 @@ check are exercised too. Hypothesis mutates tpc.json (drop / rename / retype a k
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -178,8 +179,12 @@ def test_tampered_export_never_passes(
 def test_pristine_export_passes_with_shipped_checks(clip_export: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", str(clip_export), "--samples", "1"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    for row in ("files match the sha256 recorded", "tpc.json I/O = model.onnx", "expected.npz = eager"):
-        assert row in text
+    assert "export's own files: sha256 as" in text
+    checks = [c.check for c in check_shipped(clip_export, Manifest.read(clip_export), "onnxruntime").checks]
+    counted = re.search(r"(\d+)/(\d+) checks yes", text)
+    assert counted and counted[1] == counted[2] and int(counted[1]) > len(checks)  # + the samples-vs-eager checks
+    for row in ("files match the sha256 recorded", "tpc.json I/O = model.onnx"):
+        assert any(row in check for check in checks)
     assert "margin" in text and "<= atol + rtol" in text  # the pass rule and the deciding element, not max rel
     assert "kept_indices equal (1 samples) │ │ │ 1/1" in text
 
