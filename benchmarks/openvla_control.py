@@ -47,8 +47,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from tpc.errors import VerificationFailed
 from tpc.exporter.manifest import Manifest
-from tpc.exporting import VerificationFailed, export
+from tpc.exporting import export
 from tpc.pipeline import PruneRequest, plan
 from tpc.progress import Step
 from tpc.runtimes.policy import PRUNED, STEP, WARMUP, Policy

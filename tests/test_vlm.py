@@ -17,7 +17,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from tpc.cli import main
 from tpc.errors import UsageError
-from tpc.methods import fastv, hiprune
+from tpc.methods import divprune, fastv, hiprune
 from tpc.pipeline import PruneRequest, build
 from tpc.runtimes import VLM
 from tpc.verification import generation_inputs, verify
@@ -146,6 +146,24 @@ def test_hiprune_vision_component_matches_the_reference_on_the_towers_attention(
         want = hiprune.select(obj, deep, 48, (16, 16))
         all_embeds = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
     torch.testing.assert_close(kept, want, rtol=0, atol=0)
+    torch.testing.assert_close(embeds[0], all_embeds[want[0]], rtol=1e-4, atol=1e-5)
+
+
+def test_divprune_scores_the_llm_input_embeddings_as_the_reference() -> None:
+    """The reference runs DivPrune on the image tokens' LLM input embeddings (the projector's output), not on the
+    tower's features; the kept set differs between the two on this model, so the test can tell them apart."""
+    pruned = build(PruneRequest("zoo:tiny-llava", "divprune", 24))
+    model = _hf(pruned.source.path)
+    pixels = pruned.samples(seed=3)["vision"]["pixel_values"]
+    with torch.no_grad():
+        embeds, kept = pruned.components["vision"].module(pixels)
+        all_embeds = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
+        tower = model.model.vision_tower(pixels, output_hidden_states=True)
+        layer = model.config.vision_feature_layer
+        features = tower.hidden_states[layer][:, 1:]  # the CLS token dropped ("default" strategy)
+    want = divprune.select(all_embeds[None], 24)
+    torch.testing.assert_close(kept, want, rtol=0, atol=0)
+    assert not torch.equal(divprune.select(features, 24), want)  # the tower's features would keep another set
     torch.testing.assert_close(embeds[0], all_embeds[want[0]], rtol=1e-4, atol=1e-5)
 
 

@@ -186,8 +186,9 @@ def build_vlm(plan: VlmPlan) -> Pruned:
     """Load through `from_pretrained`, then the three components sharing one set of weights."""
     source, adapter, request = plan.source, plan.adapter, plan.request
     model = adapter.load(source.path).to(DTYPES[request.dtype])
-    tower = PrunedVisionEncoder(adapter.vision_tower(model), plan.cut)
-    vision = VisionComponent(tower, adapter.projector(model)).eval()
+    projector = adapter.projector(model)
+    tower = PrunedVisionEncoder(adapter.vision_tower(model), plan.cut, signal_embedding=projector)
+    vision = VisionComponent(tower, projector).eval()
     prefill_method = plan.method if plan.prunes_in_prefill else None
     prefill = PrefillComponent(model, adapter, plan.cache, prefill_method, plan.keep, plan.method_params).eval()
     decode = DecodeComponent(model, adapter, plan.cache).eval()

@@ -155,7 +155,7 @@ class VisionSignals:
     """What a vision-side method may read. `received[l]`: (B, N) attention received per patch at 1-based layer l."""
 
     received: Mapping[int, Tensor]
-    features: Tensor  # (B, N, D) patch features at the encoder's feature layer
+    features: Tensor  # (B, N, D) patch features at the feature layer; a VLM: their LLM input embeddings (projected)
     grid: tuple[int, int]
 
 

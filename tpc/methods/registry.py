@@ -95,7 +95,7 @@ HIPRUNE = VisionMethod(
 
 DIVPRUNE = VisionMethod(
     name="divprune",
-    summary="greedy max-min cosine diversity of the token features",
+    summary="greedy max-min cosine diversity of the image tokens (a VLM: their LLM input embeddings)",
     reference="vbdi/divprune @799e2d9, CVPR 2025",
     priority=Deferred("tpc.methods.divprune:_priority_from_signals"),
 )

@@ -60,12 +60,18 @@ class VisionCut:
 
 
 class PrunedVisionEncoder(nn.Module):
-    """pixel_values (B, C, H, W) -> kept_features (B, K, D), kept_indices (B, K) int64 ascending."""
+    """pixel_values (B, C, H, W) -> kept_features (B, K, D), kept_indices (B, K) int64 ascending.
 
-    def __init__(self, model: PreTrainedModel, cut: VisionCut) -> None:
+    `signal_embedding`: what a method that reads features (DivPrune) measures them in. A VLM passes its projector:
+    the references score the LLM input embeddings of the image tokens, not the tower's features. The tokens
+    handed on stay the tower's (the VLM projects the kept ones), so only the signal changes.
+    """
+
+    def __init__(self, model: PreTrainedModel, cut: VisionCut, signal_embedding: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.cut = cut
+        self.signal_embedding = signal_embedding
         layers = cut.adapter.layers(model)
         attentions = {n: cut.adapter.attention(layers[n - 1]) for n in cut.tapped_layers}
         self.taps = insert_taps(attentions, ReceivedAttention)
@@ -87,7 +93,8 @@ class PrunedVisionEncoder(nn.Module):
             return tokens, all_tokens
         received = {layer: tap.value[:, prefix:] for layer, tap in self.taps.items()}
         patches = tokens[:, cut.kept_prefix :]
-        signals = VisionSignals(received=received, features=patches, grid=cut.geometry.grid)
+        features = patches if self.signal_embedding is None else self.signal_embedding(patches)
+        signals = VisionSignals(received=received, features=features, grid=cut.geometry.grid)
         priority = cut.method.priority(signals, cut.patch_budget, cut.method_params)
         if cut.kept_prefix:  # +inf ranks first and ties go to the lower index: the prefix is always kept
             always = priority.new_full((priority.shape[0], cut.kept_prefix), float("inf"))
