@@ -109,6 +109,8 @@ def test_existing_output_and_file_output(tmp_path: Path, capsys: pytest.CaptureF
     assert code == 2 and "already exists; pass --force" in err and one_line(err)
     code, err = run(capsys, ["export", "zoo:tiny-clip", "--output", str(tmp_path / "file"), "--force", *EXPORT])
     assert code == 2 and "is a file, not a directory" in err and one_line(err)
+    code, err = run(capsys, ["export", "zoo:tiny-clip", "--output", str(tmp_path / "file" / "out"), *EXPORT])
+    assert code == 2 and f"'{tmp_path / 'file'}' is a file, not a directory" in err and one_line(err)
     assert tree_hash(tmp_path) == before
 
 

@@ -131,6 +131,7 @@ CASES = [
     ("manifest output dtype", _manifest_edit(lambda m: m["components"][0]["outputs"][1].update(dtype="int32")),
      False, 1, "output kept_indices: tpc.json says int32"),
     ("artifact truncated", lambda d, _: _truncate(d / "model.onnx"), False, 1, "model.onnx changed since export"),
+    ("file added", lambda d, _: (d / "extra.onnx").write_bytes(b"x"), False, 1, "extra.onnx was added since export"),
     ("artifact truncated, resealed", lambda d, _: _truncate(d / "model.onnx"), True, 2, "cannot be read as a"),
     ("hash of a file dropped", _manifest_edit(lambda m: m["files"].pop("samples/expected.npz")),
      False, 1, "samples/expected.npz has no recorded hash"),

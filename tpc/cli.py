@@ -212,10 +212,18 @@ def _render_export(directory: Path, json_path: Path | None) -> None:
     changed = info["changed_files"]
     if changed:  # the recorded result is about other files: never show it as this directory's
         listed = ", ".join(changed[:5]) + (f" (and {len(changed) - 5} more)" if len(changed) > 5 else "")
-        recorded = "skipped" if verification.get("skipped") else "passed" if verification.get("passed") else "failed"
+        recorded = (
+            "was not run at export"
+            if not verification
+            else "was skipped at export"
+            if verification.get("skipped")
+            else "passed at export on the files then"
+            if verification.get("passed")
+            else "failed at export"
+        )
         out.print(
             f"verification: [red]void[/red], {len(changed)} files changed since export ({listed}); it {recorded} "
-            "at export on the files then (run `tpc verify`)",
+            "(run `tpc verify`)",
             soft_wrap=True,
         )
     elif verification.get("skipped"):

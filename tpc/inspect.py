@@ -147,10 +147,11 @@ def _describe_policy(request: PruneRequest, source: Any) -> dict[str, Any]:
 
 def describe_export(directory: Path) -> dict[str, Any]:
     """An export directory as plain data: what it holds, its static I/O, and each component's target report
-    (the ExecuTorch delegation table, Core ML's MIL ops and Neural Engine notes, ONNX op counts). `changed_files`:
-    files that no longer match the sha256 recorded at export (or are gone), for which `verification` is void."""
+    (the ExecuTorch delegation table, Core ML's MIL ops and Neural Engine notes, ONNX op counts).
+    `changed_files`: files that no longer match the sha256 recorded at export (or are gone, or were added
+    since), for which `verification` is void."""
     manifest = Manifest.read(directory)
-    changed, missing = changed_files(directory, manifest)
+    changed, missing, added = changed_files(directory, manifest)
     return {
         "directory": str(directory),
         "model": manifest.model["ref"],
@@ -160,7 +161,7 @@ def describe_export(directory: Path) -> dict[str, Any]:
         "dtype": manifest.dtype,
         "tokens": manifest.tokens,
         "verification": manifest.verification,  # as recorded at export
-        "changed_files": changed + missing,  # since export: the recorded verification no longer applies to them
+        "changed_files": changed + missing + added,  # since export: the recorded verification no longer applies to them
         "components": [
             {
                 "name": spec.name,

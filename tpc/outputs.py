@@ -72,6 +72,7 @@ def check_output(
                 "choose a new directory for the export"
             )
     if not os.path.lexists(output):
+        check_parent(output)
         return
     if not force:
         raise UsageError(f"output '{output}' already exists; pass --force to replace it, or choose another --output")
@@ -125,10 +126,25 @@ def recover(output: Path) -> list[str]:
     return done
 
 
+def check_parent(output: Path) -> None:
+    """The directory an export lands in must be (or become) a writable directory: checked before any work."""
+    parent = next((p for p in output.parents if os.path.lexists(p)), Path(output.anchor))
+    if not parent.is_dir():
+        raise UsageError(f"--output '{output}': '{parent}' is a file, not a directory; choose another --output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--output '{output}': '{parent}' is not writable; choose another --output")
+
+
 def staging_dir(output: Path) -> Path:
     """A fresh staging directory beside `output` (same filesystem, so the commit is a rename)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tpc-{STAGE}-{os.getpid()}-", dir=output.parent))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{output.name}.tpc-{STAGE}-{os.getpid()}-"
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=output.parent))
+    except OSError as error:
+        raise UsageError(
+            f"--output '{output}': cannot write in '{output.parent}' ({error.strerror}); choose another --output"
+        ) from None
     staging.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary directory
     return staging
 

@@ -677,7 +677,7 @@ def check_shipped(directory: Path, manifest: Manifest, runtime: str) -> Shipped:
             raise UsageError(f"'{directory / relative}' is missing: the export is incomplete (re-export it)")
     for relative in sample_files(directory, manifest):
         shipped.samples[relative] = read_npz(directory, relative)
-    changed, missing = changed_files(directory, manifest)
+    changed, missing, added = changed_files(directory, manifest)
     if missing:
         raise UsageError(f"'{directory}' lacks {', '.join(missing[:4])}, recorded at export: the export is incomplete")
     recorded = set(manifest.files)
@@ -686,9 +686,11 @@ def check_shipped(directory: Path, manifest: Manifest, runtime: str) -> Shipped:
         for relative in [*manifest.named_files(), *sample_files(directory, manifest)]
         if relative not in recorded and not any(name.startswith(relative.rstrip("/") + "/") for name in recorded)
     ]
-    problems = [f"{name} changed since export" for name in changed] + [
-        f"{name} has no recorded hash" for name in unrecorded
-    ]
+    problems = (
+        [f"{name} changed since export" for name in changed]
+        + [f"{name} has no recorded hash" for name in unrecorded]
+        + [f"{name} was added since export" for name in added if name not in unrecorded]
+    )
     if not shipped.add(f"{len(recorded)} files match the sha256 recorded in tpc.json", problems):
         return shipped  # nothing else is read from files that are not what the export wrote
     for component in manifest.components:

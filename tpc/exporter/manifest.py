@@ -203,8 +203,9 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def changed_files(directory: Path, manifest: Manifest) -> tuple[list[str], list[str]]:
-    """(files whose content differs from the hash recorded at export, recorded files that are missing)."""
+def changed_files(directory: Path, manifest: Manifest) -> tuple[list[str], list[str], list[str]]:
+    """(files whose content differs from the hash recorded at export, recorded files that are missing, files
+    that were not part of the export when it was written)."""
     changed, missing = [], []
     for relative, digest in manifest.files.items():
         path = inside(directory, relative)
@@ -212,7 +213,10 @@ def changed_files(directory: Path, manifest: Manifest) -> tuple[list[str], list[
             missing.append(relative)
         elif sha256(path) != digest:
             changed.append(relative)
-    return changed, missing
+    directory = Path(directory)
+    present = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() or p.is_symlink())
+    added = sorted(name for name in present if name != MANIFEST_FILE and name not in manifest.files)
+    return changed, missing, added
 
 
 def _reject_constant(name: str) -> None:
