@@ -126,7 +126,7 @@ def test_console_script_prints_one_line_without_traceback(tmp_path: Path) -> Non
         [
             sys.executable,
             "-m",
-            "tpc.cli",
+            "tpc",
             "export",
             "zoo:tiny-clip",
             "--method",

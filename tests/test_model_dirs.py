@@ -48,6 +48,7 @@ def good_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Good tiny directories, saved as transformers saves them: clip, llava, and an OpenVLA config (no weights)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+    from tpc.models_zoo import adapter_for_family
     from tpc.models_zoo.zoo import ZOO, materialize
 
     root = tmp_path_factory.mktemp("good")
@@ -62,7 +63,8 @@ def good_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     config["auto_map"] = {"AutoConfig": "configuration_prismatic.OpenVLAConfig"}
     (openvla / "config.json").write_text(json.dumps(config))
     (openvla / WEIGHTS).write_bytes(b"")  # config rows fail before any weight is read
-    release = materialize(ZOO["tiny-openvla"])  # the release layout (auto_map to its *_prismatic code, never run)
+    # the release layout (auto_map to its *_prismatic code, never run)
+    release = materialize(ZOO["tiny-openvla"], adapter_for_family("openvla"))
     return {"clip": root / "clip", "llava": root / "llava", "openvla": openvla, "openvla-release": release}
 
 

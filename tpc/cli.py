@@ -637,9 +637,3 @@ def describe_failure(error: BaseException) -> str:
         f"{type(error).__name__}: {detail} — the input may be malformed or unsupported; rerun with TPC_DEBUG=1 for "
         "the traceback and report it if the input is valid"
     )
-
-
-if __name__ == "__main__":
-    from tpc.__main__ import main as entry
-
-    sys.exit(entry())

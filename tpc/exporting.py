@@ -10,6 +10,7 @@ from __future__ import annotations
 import platform
 import shutil
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,6 @@ import torch
 import transformers
 from torch import nn
 
-import tpc
 from tpc.errors import RuntimeUnavailable, UsageError, VerificationFailed
 from tpc.exporter import ExportPart, get_target, runtime_for
 from tpc.exporter.bundle import write_bundle
@@ -26,7 +26,7 @@ from tpc.exporter.manifest import ComponentSpec, Manifest, TensorSpec, write_sam
 from tpc.outputs import absolute, check_output, commit, recover, staging_dir
 from tpc.passes.policy_stages import StagePart, policy_stages, prefill_stage
 from tpc.passes.policy_step import PolicyStep
-from tpc.pipeline import Pruned, PruneRequest, as_arrays, build
+from tpc.pipeline import Pruned, PruneRequest, as_arrays, build, eager_outputs
 from tpc.progress import Step, silent
 from tpc.runtimes import RUNTIMES
 from tpc.runtimes.base import KEPT_INDICES
@@ -34,7 +34,6 @@ from tpc.runtimes.staged import PREFILL, STAGES_PROTOCOL, stage_method
 from tpc.verification import (
     VerifyReport,
     check_samples,
-    eager_outputs,
     skipped_verification,
     verify,
     write_episode_sample,
@@ -148,7 +147,7 @@ def _manifest(pruned: Pruned, target_name: str, components: list[ComponentSpec],
         generation=generation,
         policy=policy,
         versions={
-            "tpc": tpc.__version__,
+            "tpc": version("tpc"),
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,

@@ -7,6 +7,7 @@ three (`vision`, `prefill`, `decode`, see `tpc.vlm`). Planning dispatches on the
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,15 @@ class Pruned:
 
     def samples(self, seed: int = 0) -> dict[str, dict[str, Tensor]]:
         return self.make_samples(seed)
+
+
+def eager_outputs(component: Component, inputs: dict[str, np.ndarray], forced: np.ndarray | None = None) -> dict:
+    """One component run eagerly on numpy inputs by name (`forced`: teacher-forced kept indices)."""
+    with torch.no_grad():
+        tensors = [torch.from_numpy(inputs[name]) for name in component.input_names]
+        extra = {"forced_indices": torch.from_numpy(forced)} if forced is not None else {}
+        outputs = component.module(*tensors, **extra)
+    return {name: out.numpy() for name, out in zip(component.output_names, outputs, strict=True)}
 
 
 def as_arrays(samples: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, np.ndarray]]:
@@ -279,6 +289,15 @@ class Plan:
         return self.cut.depth
 
 
+# the kinds with a decoder, by the module that plans and builds them (`plan(request, source)`, `build(plan)`);
+# a registry by name, imported when used: those modules build on this one
+DECODER_KINDS = {"vlm": "tpc.vlm", "vla": "tpc.vla"}
+
+
+def _decoder_kind(kind: str) -> Any:
+    return importlib.import_module(DECODER_KINDS[kind])
+
+
 def plan(request: PruneRequest, source: ModelSource | None = None) -> Any:
     """Resolve and validate every part of the request; one clear UsageError for the first bad part.
 
@@ -286,14 +305,8 @@ def plan(request: PruneRequest, source: ModelSource | None = None) -> Any:
     """
     check_common(request)
     source = source or resolve(request.model)
-    if source.adapter.kind == "vlm":
-        from tpc.vlm import plan_vlm
-
-        return plan_vlm(request, source)
-    if source.adapter.kind == "vla":
-        from tpc.vla import plan_vla
-
-        return plan_vla(request, source)
+    if source.adapter.kind in DECODER_KINDS:
+        return _decoder_kind(source.adapter.kind).plan(request, source)
     return _plan_encoder(request, source)
 
 
@@ -323,10 +336,7 @@ def build(request: PruneRequest) -> Pruned:
     the_plan = plan(request)
     check_memory(the_plan)
     if not isinstance(the_plan, Plan):
-        from tpc.vla import VlaPlan, build_vla
-        from tpc.vlm import build_vlm
-
-        return build_vla(the_plan) if isinstance(the_plan, VlaPlan) else build_vlm(the_plan)
+        return _decoder_kind(the_plan.source.adapter.kind).build(the_plan)
     source = the_plan.source
     model = source.adapter.load(source.path).to(DTYPES[request.dtype])
     module = PrunedVisionEncoder(model, the_plan.cut).eval()

@@ -49,7 +49,7 @@ from tpc.exporter.manifest import (
     read_npz,
     samples_dir,
 )
-from tpc.pipeline import SINGLE, Component, Pruned, PruneRequest, as_arrays, build, seeded_pixels
+from tpc.pipeline import SINGLE, Component, Pruned, PruneRequest, as_arrays, build, eager_outputs, seeded_pixels
 from tpc.progress import Step, silent
 from tpc.runtimes.base import KEPT_INDICES, Session, open_component
 from tpc.runtimes.generation import GenerationLoop, prefill_ids
@@ -200,14 +200,6 @@ def request_from_manifest(manifest: Manifest) -> PruneRequest:
     return PruneRequest(
         model, manifest.method, manifest.keep, params, manifest.dtype, manifest.batch, prompt_len, max_new
     )
-
-
-def eager_outputs(component: Component, inputs: dict[str, np.ndarray], forced: np.ndarray | None = None) -> dict:
-    with torch.no_grad():
-        tensors = [torch.from_numpy(inputs[name]) for name in component.input_names]
-        extra = {"forced_indices": torch.from_numpy(forced)} if forced is not None else {}
-        outputs = component.module(*tensors, **extra)
-    return {name: out.numpy() for name, out in zip(component.output_names, outputs, strict=True)}
 
 
 def eager_loop(pruned: Pruned) -> GenerationLoop:

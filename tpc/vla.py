@@ -30,6 +30,7 @@ from tpc.pipeline import (
     check_budget,
     check_method_layers,
     check_positions,
+    eager_outputs,
     methods_for,
     resolve_keep,
 )
@@ -216,8 +217,6 @@ def seeded_prompt(plan: VlaPlan, seed: int) -> np.ndarray:
 
 def eager_policy(plan: VlaPlan, components: dict[str, Component]) -> Policy:
     """The eager graphs behind the runtime's `Policy` loop: what an exported policy must reproduce."""
-    from tpc.verification import eager_outputs
-
     runs = {name: functools.partial(eager_outputs, component) for name, component in components.items()}
     return Policy(runs, plan.policy())
 
@@ -240,3 +239,7 @@ def component_samples(plan: VlaPlan, components: dict[str, Component], seed: int
         PRUNED: {"pixel_values": preprocess(frames[window], policy), "input_ids": ids, "history": runner.history},
     }
     return {name: {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in s.items()} for name, s in samples.items()}
+
+
+plan = plan_vla  # the kind's entry points, as tpc.pipeline.DECODER_KINDS calls them
+build = build_vla

@@ -245,3 +245,7 @@ def chained_samples(
         "prefill": {"input_ids": ids_tensor, "image_embeds": image_embeds},
         "decode": {"input_ids": token, "step": torch.zeros(1, dtype=torch.int64), **past},
     }
+
+
+plan = plan_vlm  # the kind's entry points, as tpc.pipeline.DECODER_KINDS calls them
+build = build_vlm

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tpc.errors import UsageError, unknown_name
-from tpc.methods import Method, PrefillMethod, VisionMethod
+from tpc.models_zoo.kinds import FAMILY_KINDS, accepts_method
 from tpc.models_zoo.zoo import ZOO, ZooEntry, materialize
 
 if TYPE_CHECKING:
@@ -27,21 +27,6 @@ if TYPE_CHECKING:
     from tpc.models_zoo.openvla import OpenVlaAdapter
 
     Adapter = VisionEncoderAdapter | LlavaAdapter | OpenVlaAdapter
-
-# family -> kind of model; the adapters state the same as their `family` / `kind` (checked when they are built)
-FAMILY_KINDS: dict[str, str] = {"clip": "encoder", "siglip": "encoder", "llava": "vlm", "openvla": "vla"}
-
-
-def accepts_method(kind: str, method: Method) -> bool:
-    """Whether a model of this kind ("encoder", "vlm", "vla") is pruned by `method`, from the method's light
-    record (its stage and flags). Each adapter's `accepts` asks this."""
-    if kind == "encoder":  # vision-side methods: an encoder has no decoder to prune in
-        return isinstance(method, VisionMethod)
-    if kind == "vlm":  # vision-side methods, and prefill methods that need no state from earlier control steps
-        return isinstance(method, VisionMethod) or (isinstance(method, PrefillMethod) and not method.stateful)
-    if kind == "vla":  # prefill methods (VLA-Pruner, FastV) and the unpruned baseline: the towers are not pruned
-        return isinstance(method, PrefillMethod) or not method.prunes
-    raise ValueError(f"unknown model kind {kind!r}")
 
 
 @functools.cache
@@ -127,7 +112,7 @@ class ModelSource:
     @property
     def path(self) -> Path:
         """The local directory `from_pretrained` loads (a zoo model is built and saved the first time)."""
-        return self.user_dir if self.zoo_entry is None else materialize(self.zoo_entry)
+        return self.user_dir if self.zoo_entry is None else materialize(self.zoo_entry, self.adapter)
 
 
 def _check_local_dir(path: Path) -> str:

@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from tpc.models_zoo.kinds import accepts_method
+
 
 @dataclass(frozen=True)
 class VisionGeometry:
@@ -59,9 +61,7 @@ class VisionEncoderAdapter(ABC):
     prefix_tokens: ClassVar[int]
 
     def accepts(self, method: Any) -> bool:
-        """Vision-side methods: an encoder has no decoder to prune in (`tpc.models_zoo.accepts_method`)."""
-        from tpc.models_zoo import accepts_method
-
+        """Vision-side methods: an encoder has no decoder to prune in (`tpc.models_zoo.kinds.accepts_method`)."""
         return accepts_method(self.kind, method)
 
     def load(self, path: Path) -> PreTrainedModel:

@@ -17,6 +17,7 @@ from transformers import LlavaForConditionalGeneration, PretrainedConfig, PreTra
 
 from tpc.errors import UsageError
 from tpc.models_zoo.base import VisionEncoderAdapter, VisionGeometry
+from tpc.models_zoo.kinds import accepts_method
 
 # LLaVA-1.5's conversation: BOS + a 34-token system prompt + "USER: " precede the image (the reference
 # hard-codes SYS_TOKEN_LEN = 35); "\n{question} ASSISTANT:" follows it. Used when a model has no tokenizer.
@@ -120,9 +121,7 @@ class LlavaAdapter(DecoderParts):
 
     def accepts(self, method: Any) -> bool:
         """Vision-side methods, and prefill methods that need no state from earlier control steps
-        (`tpc.models_zoo.accepts_method`)."""
-        from tpc.models_zoo import accepts_method
-
+        (`tpc.models_zoo.kinds.accepts_method`)."""
         return accepts_method(self.kind, method)
 
     def load(self, path: Path) -> PreTrainedModel:

@@ -41,6 +41,7 @@ from transformers.utils import logging
 
 from tpc.errors import UsageError
 from tpc.models_zoo.base import VisionGeometry
+from tpc.models_zoo.kinds import accepts_method
 from tpc.models_zoo.llava import DecoderGeometry, DecoderParts, PromptLayout, decoder_geometry
 
 
@@ -445,9 +446,7 @@ class OpenVlaAdapter(DecoderParts):
 
     def accepts(self, method: Any) -> bool:
         """Prefill methods (VLA-Pruner, FastV) and the unpruned baseline: the towers are not pruned
-        (`tpc.models_zoo.accepts_method`)."""
-        from tpc.models_zoo import accepts_method
-
+        (`tpc.models_zoo.kinds.accepts_method`)."""
         return accepts_method(self.kind, method)
 
     def load(self, path: Path) -> OpenVlaForActionPrediction:

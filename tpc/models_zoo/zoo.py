@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import LlavaConfig, PretrainedConfig
@@ -258,17 +258,15 @@ def _fingerprint(entry: ZooEntry) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def materialize(entry: ZooEntry) -> Path:
-    """Directory holding the entry's config.json + model.safetensors; built once, then reused."""
+def materialize(entry: ZooEntry, adapter: Any) -> Path:
+    """Directory holding the entry's config.json + model.safetensors (saved by `adapter`, the entry's family
+    adapter); built once, then reused."""
     import torch
-
-    from tpc.models_zoo import adapter_for_family
 
     target = cache_root() / "zoo" / f"{entry.name}-{_fingerprint(entry)}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    adapter = adapter_for_family(entry.family)
     torch.manual_seed(entry.seed)
     model = adapter.model_class(entry.make_config())
     # a family whose checkpoints have their own layout (OpenVLA's release) saves in it; others as transformers does

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from tpc.runtimes.base import Runtime
+from tpc.runtimes.base import RUNTIME_CLASSES, Runtime, runtime_named
 from tpc.runtimes.coreml import CoreMLRuntime
 from tpc.runtimes.encoder import Encoder
 from tpc.runtimes.executorch import ExecuTorchRuntime
@@ -12,9 +12,7 @@ from tpc.runtimes.inputs import NonFiniteInputWarning
 from tpc.runtimes.onnxruntime import OnnxRuntime
 from tpc.runtimes.tensorrt import TensorRTRuntime
 
-RUNTIMES: dict[str, type[Runtime]] = {
-    r.name: r for r in (OnnxRuntime, TensorRTRuntime, ExecuTorchRuntime, CoreMLRuntime)
-}
+RUNTIMES: dict[str, type[Runtime]] = {name: runtime_named(name) for name in RUNTIME_CLASSES}
 
 __all__ = [
     "RUNTIMES",

@@ -8,11 +8,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import numpy as np
 
 from tpc.errors import UsageError
+from tpc.runtimes.session import KEPT_INDICES, Session
 
 
 @dataclass(frozen=True)
@@ -26,12 +27,6 @@ class Entry:
 
 
 ONLY_GRAPH = Entry()
-
-
-class Session(Protocol):
-    """Something that runs one component: a runtime's loaded graph, or a staged step driving two of them."""
-
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
 class Runtime(ABC):
@@ -75,13 +70,25 @@ KINDS = {"generation": ("a VLM", "tpc.runtimes.VLM"), "policy": ("a policy", "tp
 ENCODER = ("an encoder", "tpc.runtimes.Encoder")
 
 
+# runtime name -> the module and class that implement it, imported when used (each imports this module)
+RUNTIME_CLASSES = {
+    "onnxruntime": ("tpc.runtimes.onnxruntime", "OnnxRuntime"),
+    "tensorrt": ("tpc.runtimes.tensorrt", "TensorRTRuntime"),
+    "executorch": ("tpc.runtimes.executorch", "ExecuTorchRuntime"),
+    "coreml": ("tpc.runtimes.coreml", "CoreMLRuntime"),
+}
+
+
+def runtime_named(name: str) -> type[Runtime]:
+    module, cls = RUNTIME_CLASSES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
 def runtime_class(target: str) -> type[Runtime]:
     """The runtime that runs `target`'s artifacts, checked installed (one line naming the extra otherwise)."""
-    from tpc.runtimes import RUNTIMES
-
     if target not in TARGET_RUNTIMES:
         raise UsageError(f"tpc.json names the target '{target}', which this tpc cannot run; re-export it")
-    runtime = RUNTIMES[TARGET_RUNTIMES[target]]
+    runtime = runtime_named(TARGET_RUNTIMES[target])
     runtime.check_installed()
     return runtime
 
@@ -129,9 +136,6 @@ def invalid_artifact(path: str | Path, what: str, error: BaseException | str) ->
     if len(reason) > 160:
         reason = reason[:157] + "..."
     return UsageError(f"'{path}' is not a valid {what} ({reason}); re-export it")
-
-
-KEPT_INDICES = "kept_indices"  # the output every selecting graph has, and the input teacher forcing feeds
 
 
 def open_component(runtime: type[Runtime], directory: Path, spec: Any, teacher_forced: bool = False) -> Session:

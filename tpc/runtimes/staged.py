@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tpc.runtimes.base import KEPT_INDICES, Session
+from tpc.runtimes.session import KEPT_INDICES, Session
 
 PREFILL, DECODE = "prefill", "decode"
 TOKEN, ACTION_ATTENTION = "token", "action_attention"
