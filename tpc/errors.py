@@ -21,6 +21,18 @@ def unknown_name(kind: str, name: str, valid: Iterable[str], hint: str = "") -> 
     return UsageError(f"unknown {kind} '{name}'; valid: {listed}{'. ' + hint if hint else ''}")
 
 
+def require(what: str, modules: Iterable[str], extra: str) -> None:
+    """One line naming the pip extra to install when a module `what` needs (a target, a runtime) is missing."""
+    import importlib.util
+
+    missing = [module for module in modules if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UsageError(
+            f"{what} needs {', '.join(missing)}, which is not installed; install it with: "
+            f"pip install 'tpc[{extra}]' -c constraints.txt"
+        )
+
+
 class RuntimeUnavailable(UsageError):
     """The export is fine, but its runtime cannot run on this machine (Core ML prediction off macOS).
 

@@ -46,6 +46,7 @@ from tpc.exporter.manifest import (
     TensorSpec,
     changed_files,
     inside,
+    load_npz,
     read_npz,
     samples_dir,
 )
@@ -259,13 +260,7 @@ def write_episode_sample(directory: Path, pruned: Pruned) -> None:
 
 
 def _load_user_inputs(path: Path, expected: dict[str, TensorSpec]) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise UsageError(f"inputs file '{path}' does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except Exception as err:  # not a zip, a truncated member, a pickled object: numpy raises many kinds
-        raise UsageError(f"inputs file '{path}' is not a readable .npz ({type(err).__name__}: {err})") from None
+    arrays = load_npz(path, f"inputs file '{path}' does not exist", f"inputs file '{path}'")
     sample = {}
     for name, spec in expected.items():
         if name not in arrays:

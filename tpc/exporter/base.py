@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from tpc.errors import UsageError
+from tpc.errors import require
 
 
 @dataclass
@@ -53,12 +52,7 @@ class Target(ABC):
     lowers_policies_per_stage: ClassVar[bool] = False
 
     def check_installed(self) -> None:
-        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
-        if missing:
-            raise UsageError(
-                f"target '{self.name}' needs {', '.join(missing)}, which is not installed; "
-                f"install it with: pip install 'tpc[{self.extra}]' -c constraints.txt"
-            )
+        require(f"target '{self.name}'", self.requires, self.extra)
 
     @abstractmethod
     def export(

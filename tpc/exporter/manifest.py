@@ -396,10 +396,18 @@ def read_samples(directory: Path, component: str, name: str) -> dict[str, np.nda
 def read_npz(directory: Path, relative: str) -> dict[str, np.ndarray]:
     """An `.npz` of the export (`relative` to it), every array loaded; missing or corrupt -> UsageError."""
     path = inside(directory, relative, "sample file")
+    return load_npz(
+        path, f"'{path}' is missing: the export is incomplete (re-export it)", f"'{path}'", "; re-export it"
+    )
+
+
+def load_npz(path: Path, missing: str, name: str, fix: str = "") -> dict[str, np.ndarray]:
+    """Every array of an `.npz`, never unpickling; `missing`: the line when there is no file, `name` and `fix`:
+    how the line for an unreadable one names it and ends."""
     if not path.is_file():
-        raise UsageError(f"'{path}' is missing: the export is incomplete (re-export it)")
+        raise UsageError(missing)
     try:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
     except Exception as err:  # zipfile, pickle refusal, truncated member: numpy raises many kinds
-        raise UsageError(f"'{path}' is not a readable .npz ({type(err).__name__}: {err}); re-export it") from None
+        raise UsageError(f"{name} is not a readable .npz ({type(err).__name__}: {err}){fix}") from None

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from tpc.errors import UsageError
+from tpc.errors import UsageError, require
 from tpc.runtimes.session import KEPT_INDICES, Session
 
 
@@ -40,12 +40,7 @@ class Runtime(ABC):
     @classmethod
     def check_installed(cls) -> None:
         """One line naming the extra to install when a module this runtime needs is missing."""
-        missing = [module for module in cls.requires if importlib.util.find_spec(module) is None]
-        if missing:
-            raise UsageError(
-                f"the {cls.name} runtime needs {', '.join(missing)}, which is not installed; install it with: "
-                f"pip install 'tpc[{cls.extra}]' -c constraints.txt"
-            )
+        require(f"the {cls.name} runtime", cls.requires, cls.extra)
 
     @classmethod
     @abstractmethod
