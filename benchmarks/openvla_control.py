@@ -47,8 +47,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from tpc.contract.manifest import Manifest
 from tpc.errors import VerificationFailed
-from tpc.exporter.manifest import Manifest
 from tpc.exporting import export
 from tpc.pipeline import PruneRequest, plan
 from tpc.progress import Step

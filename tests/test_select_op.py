@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from tpc.ops import select_tokens
+from tpc.ops.lowering import lower_tpc_ops
 from tpc.ops.reference import kept_indices_reference, token_select_reference
-from tpc.passes.graph import lower_tpc_ops
 
 SPECIAL = [0.0, 1.0, -1.0, 0.5, np.inf, -np.inf, np.nan, 1e-30, -0.0]
 

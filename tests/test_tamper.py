@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tpc.cli import main
+from tpc.contract.manifest import Manifest, file_hashes
 from tpc.errors import UsageError
-from tpc.exporter.manifest import Manifest, file_hashes
 from tpc.exporting import export
 from tpc.pipeline import PruneRequest
 from tpc.verification import check_shipped

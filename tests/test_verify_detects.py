@@ -14,8 +14,8 @@ from onnx import numpy_helper
 
 from tpc import verification as verify_module
 from tpc.cli import main
+from tpc.contract.manifest import file_hashes
 from tpc.errors import VerificationFailed
-from tpc.exporter.manifest import file_hashes
 from tpc.exporting import export
 from tpc.pipeline import PruneRequest
 from tpc.verification import verify

@@ -22,8 +22,8 @@ import torch
 from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tpc.contract.manifest import TensorSpec
 from tpc.errors import UsageError
-from tpc.exporter.manifest import TensorSpec
 from tpc.exporting import export
 from tpc.methods import fastv, vla_pruner
 from tpc.models_zoo import resolve

@@ -485,7 +485,7 @@ def inspect(
 ) -> None:
     """The plan: taps, prune point, tokens and FLOPs before/after (reads the config only); for an export
     directory, its components, shapes and the target's report (ExecuTorch delegation, Core ML ops)."""
-    from tpc.exporter.manifest import MANIFEST_FILE
+    from tpc.contract.manifest import MANIFEST_FILE
     from tpc.inspect import describe
     from tpc.pipeline import PruneRequest
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from tpc.contract.manifest import Manifest
 from tpc.errors import UsageError
-from tpc.exporter.manifest import Manifest
 
 OPERATOR_CALL, DELEGATE_CALL, METHOD_EXECUTE = "OPERATOR_CALL", "DELEGATE_CALL", "Method::execute"
 

@@ -19,18 +19,18 @@ import torch
 import transformers
 from torch import nn
 
+from tpc.contract.manifest import ComponentSpec, Manifest, TensorSpec, write_samples
+from tpc.contract.names import KEPT_INDICES, PREFILL, stage_method
 from tpc.errors import RuntimeUnavailable, UsageError, VerificationFailed
 from tpc.exporter import ExportPart, get_target, runtime_for
 from tpc.exporter.bundle import write_bundle
-from tpc.exporter.manifest import ComponentSpec, Manifest, TensorSpec, write_samples
 from tpc.outputs import absolute, check_output, commit, recover, staging_dir
 from tpc.passes.policy_stages import StagePart, policy_stages, prefill_stage
 from tpc.passes.policy_step import PolicyStep
 from tpc.pipeline import Pruned, PruneRequest, as_arrays, build, eager_outputs
 from tpc.progress import Step, silent
 from tpc.runtimes import RUNTIMES
-from tpc.runtimes.base import KEPT_INDICES
-from tpc.runtimes.staged import PREFILL, STAGES_PROTOCOL, stage_method
+from tpc.runtimes.staged import STAGES_PROTOCOL
 from tpc.verification import (
     VerifyReport,
     check_samples,

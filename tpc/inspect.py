@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tpc.exporter.manifest import Manifest, changed_files
+from tpc.contract.manifest import Manifest, changed_files
 from tpc.models_zoo import resolve
 from tpc.passes.attention_tap import ReceivedAttention
 from tpc.pipeline import Plan, PruneRequest, plan

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tpc.contract.manifest import INPUTS_FILE, Manifest, read_samples
 from tpc.errors import UsageError
 from tpc.exporter import runtime_for
-from tpc.exporter.manifest import INPUTS_FILE, Manifest, read_samples
 from tpc.runtimes.base import open_component
 
 

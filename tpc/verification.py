@@ -33,9 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tpc.errors import RuntimeUnavailable, UsageError
-from tpc.exporter import runtime_for
-from tpc.exporter.manifest import (
+from tpc.contract.manifest import (
     EPISODE_FILE,
     EXPECTED_FILE,
     GENERATION_FILE,
@@ -50,9 +48,12 @@ from tpc.exporter.manifest import (
     read_npz,
     samples_dir,
 )
+from tpc.contract.names import KEPT_INDICES, Session
+from tpc.errors import RuntimeUnavailable, UsageError
+from tpc.exporter import runtime_for
 from tpc.pipeline import SINGLE, Component, Pruned, PruneRequest, as_arrays, build, eager_outputs, seeded_pixels
 from tpc.progress import Step, silent
-from tpc.runtimes.base import KEPT_INDICES, Session, open_component
+from tpc.runtimes.base import open_component
 from tpc.runtimes.generation import GenerationLoop, prefill_ids
 
 

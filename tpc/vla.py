@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tpc.contract.names import PRUNED, STEP, WARMUP
 from tpc.errors import UsageError
 from tpc.methods import PrefillMethod, get_method
 from tpc.models_zoo import ModelSource, OpenVlaAdapter
@@ -34,7 +35,7 @@ from tpc.pipeline import (
     methods_for,
     resolve_keep,
 )
-from tpc.runtimes.policy import PRUNED, STEP, WARMUP, Policy, preprocess
+from tpc.runtimes.policy import Policy, preprocess
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Targets, one module each, in a registry; plus the export directory's manifest (`tpc.json`).
 
-The package itself imports nothing heavy: `tpc.exporter.manifest` (numpy and the standard library) is what the
+The package itself imports nothing heavy: `tpc.contract.manifest` (numpy and the standard library) is what the
 runtimes read, and they must not pay for torch. The targets, which need torch, load on first use of `TARGETS`,
 `PARAM_OPTIONS`, `get_target` or the base classes.
 """

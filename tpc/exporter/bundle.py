@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tpc.exporter.manifest import EXPECTED_FILE, INPUTS_FILE, Manifest, inside, read_samples
+from tpc.contract.manifest import EXPECTED_FILE, INPUTS_FILE, Manifest, inside, read_samples
 
 BUNDLE_DIR = "bundle"
 BUNDLED_PROGRAM = "model.bpte"

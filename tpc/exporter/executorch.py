@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from tpc.exporter.base import Artifact, ExportPart, Target, export_program
 from tpc.exporter.delegation import capture_reasons, delegation_report
-from tpc.passes.graph import lower_tpc_ops
+from tpc.ops.lowering import lower_tpc_ops
 from tpc.pipeline import SINGLE
 from tpc.runtimes.executorch import ExecuTorchRuntime
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from tpc.exporter.base import Target, export_program
-from tpc.passes.graph import lower_tpc_ops
+from tpc.ops.lowering import lower_tpc_ops
 
 OPSET = 18
 DATA_DEPENDENT_OPS = frozenset({"NonZero", "Unique", "Compress", "Loop", "If", "Scan", "SequenceConstruct"})

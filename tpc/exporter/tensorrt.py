@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tpc.errors import UsageError
 from tpc.exporter.base import Artifact, ExportPart, Target, export_program
 from tpc.exporter.onnx import OPSET, StaticShapeError, check_static_graph, op_counts, write_onnx
-from tpc.passes.graph import lower_tpc_ops
+from tpc.ops.lowering import lower_tpc_ops
 
 PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION = "TokenSelect", "tpc", "1"
 SELECT_LOWERINGS = ("native", "plugin")

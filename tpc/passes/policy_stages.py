@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from tpc.contract.names import ACTION_ATTENTION, DECODE, HISTORY_INPUT, KEPT_INDICES, PREFILL, TOKEN, cache_names
 from tpc.exporter.base import ExportPart
-from tpc.passes.policy_step import HISTORY_INPUT, PolicyStep
-from tpc.passes.vlm_components import CacheLayout, DecodeComponent, cache_names, padded_cache
-from tpc.runtimes.base import KEPT_INDICES
-from tpc.runtimes.staged import ACTION_ATTENTION, DECODE, PREFILL, TOKEN, as_past
+from tpc.passes.policy_step import PolicyStep
+from tpc.passes.vlm_components import CacheLayout, DecodeComponent, padded_cache
+from tpc.runtimes.staged import as_past
 
 
 class StepPrefill(nn.Module):

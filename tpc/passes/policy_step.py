@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tpc.contract.names import ACTION_OUTPUT, HISTORY_INPUT, HISTORY_OUTPUT, IMPORTANCE_OUTPUT, KEPT_INDICES
 from tpc.methods import PrefillMethod, PrefillSignals
 from tpc.methods.base import ALL_ROWS
 from tpc.methods.vla_pruner import GUIDE_DTYPES, guide_from_history
@@ -31,14 +32,6 @@ from tpc.models_zoo.openvla import OpenVlaForActionPrediction
 from tpc.ops import gather_tokens, select_indices
 from tpc.passes.attention_tap import LastRowAttention, ReceivedAttention, insert_taps
 from tpc.passes.vlm_components import RecordingCache, _Decoder
-from tpc.runtimes.base import KEPT_INDICES
-
-ACTION_OUTPUT, IMPORTANCE_OUTPUT, HISTORY_INPUT, HISTORY_OUTPUT = (
-    "action_tokens",
-    "action_importance",
-    "history",
-    "history_next",
-)
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from tpc.contract.names import KEPT_INDICES
 from tpc.methods import VisionMethod, VisionSignals
 from tpc.models_zoo import VisionEncoderAdapter, VisionGeometry
 from tpc.ops import gather_tokens, select_tokens
 from tpc.passes.attention_tap import ReceivedAttention, insert_taps
-from tpc.runtimes.base import KEPT_INDICES
 
 INPUT_NAMES = ("pixel_values",)
 OUTPUT_NAMES = ("kept_features", KEPT_INDICES)

@@ -18,17 +18,12 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from tpc.contract.names import KEPT_INDICES, cache_names
 from tpc.methods import PrefillMethod, PrefillSignals
 from tpc.models_zoo import LlavaAdapter
 from tpc.ops import gather_tokens, select_indices
 from tpc.passes.attention_tap import LastRowAttention, insert_taps
 from tpc.passes.prune_vision import PrunedVisionEncoder
-from tpc.runtimes.base import KEPT_INDICES
-
-
-def cache_names(prefix: str, num_layers: int) -> tuple[str, ...]:
-    """`present.0.key`, `present.0.value`, ... (Optimum's naming), or with prefix `past`."""
-    return tuple(f"{prefix}.{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value"))
 
 
 @dataclass(frozen=True)

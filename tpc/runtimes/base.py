@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from tpc.contract.names import KEPT_INDICES, Session
 from tpc.errors import UsageError, require
-from tpc.runtimes.session import KEPT_INDICES, Session
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def load_export(directory: str | Path, section: str | None) -> tuple[Any, dict[s
     the kind of export has (`generation` for a VLM, `policy` for a policy, None for an encoder); an export of
     another kind is one line naming the class that loads it."""
     directory = Path(directory)
-    from tpc.exporter.manifest import Manifest
+    from tpc.contract.manifest import Manifest
 
     manifest = Manifest.read(directory)
     have = next((name for name in KINDS if getattr(manifest, name, None) is not None), None)
@@ -140,7 +140,7 @@ def open_component(runtime: type[Runtime], directory: Path, spec: Any, teacher_f
     the runtime can, else from the teacher-forced artifact the export wrote beside it. A staged component (a
     policy step lowered as prefill + decode) opens both stages behind one step-shaped session.
     """
-    from tpc.exporter.manifest import inside
+    from tpc.contract.manifest import inside
 
     if spec.stages:
         from tpc.runtimes.staged import StagedStep

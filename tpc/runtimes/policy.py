@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from tpc.contract.names import KEPT_INDICES, PRUNED, STEP, WARMUP
 from tpc.errors import UsageError
-from tpc.runtimes.base import KEPT_INDICES, load_export
+from tpc.runtimes.base import load_export
 from tpc.runtimes.inputs import check_floats, check_ids, describe, resolve_strict, shape_text, to_numpy
 
 RunComponent = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-WARMUP, PRUNED, STEP = "warmup", "pruned", "step"
 
 
 def preprocess(image: Any, policy: dict[str, Any]) -> np.ndarray:

@@ -13,10 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from tpc.runtimes.session import KEPT_INDICES, Session
+from tpc.contract.names import ACTION_ATTENTION, KEPT_INDICES, TOKEN, Session
 
-PREFILL, DECODE = "prefill", "decode"
-TOKEN, ACTION_ATTENTION = "token", "action_attention"
 STAGES_PROTOCOL = (
     "each graph G is two methods: G_prefill(G's inputs) -> token, present.*, [kept_indices], [action_attention]; "
     "then for s in 0..action_dim-2: G_decode(input_ids=token, step=[s], past.*=present.*) -> token, present.*, "
@@ -24,11 +22,6 @@ STAGES_PROTOCOL = (
     "action_attention rows, placed at kept_indices of a zero (1, image_tokens) row (every index when G keeps all); "
     "history_next = history[1:] followed by action_importance"
 )
-
-
-def stage_method(component: str, stage: str) -> str:
-    """The method (and sample directory) name of one stage of a component: `pruned_prefill`, `step_decode`."""
-    return f"{component}_{stage}"
 
 
 class StagedStep:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch.export import ExportedProgram
 
-from tpc.ops import decompositions
+from tpc.ops.select import decompositions
 
 
 def lower_tpc_ops(program: ExportedProgram, lowering: str = "flat") -> ExportedProgram:

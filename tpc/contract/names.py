@@ -1,0 +1,49 @@
+"""The names of the export contract: what a graph's inputs and outputs, its components and its cache are called.
+
+Every layer agrees on these through this one module (the leaf of tpc's layering, see docs/architecture.md): the
+passes that build graphs, the targets that write them, the runtimes that run them on a device without PyTorch,
+and verification, which compares them by name.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+# what every selecting graph outputs (and teacher forcing feeds back as an input): the kept image tokens of each
+# prune transition of the method's schedule, each run ascending, concatenated in schedule order
+KEPT_INDICES = "kept_indices"
+
+PIXEL_VALUES, INPUT_IDS, IMAGE_EMBEDS, LOGITS = "pixel_values", "input_ids", "image_embeds", "logits"
+
+# components: an encoder export's one graph; a VLM's three; a policy's step graph(s)
+SINGLE = "model"
+VISION, PREFILL, DECODE = "vision", "prefill", "decode"
+WARMUP, PRUNED, STEP = "warmup", "pruned", "step"
+
+# a policy step's outputs and state (VLA-Pruner's action-attention history)
+ACTION_OUTPUT, IMPORTANCE_OUTPUT, HISTORY_INPUT, HISTORY_OUTPUT = (
+    "action_tokens",
+    "action_importance",
+    "history",
+    "history_next",
+)
+# a staged policy step (prefill and decode methods): the greedy token each stage returns, the action-attention row
+TOKEN, ACTION_ATTENTION = "token", "action_attention"
+
+
+def cache_names(prefix: str, num_layers: int) -> tuple[str, ...]:
+    """`present.0.key`, `present.0.value`, ... (Optimum's naming), or with prefix `past`."""
+    return tuple(f"{prefix}.{layer}.{kind}" for layer in range(num_layers) for kind in ("key", "value"))
+
+
+def stage_method(component: str, stage: str) -> str:
+    """The method (and sample directory) name of one stage of a component: `pruned_prefill`, `step_decode`."""
+    return f"{component}_{stage}"
+
+
+class Session(Protocol):
+    """Something that runs one component: a runtime's loaded graph, or a staged step driving two of them."""
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
