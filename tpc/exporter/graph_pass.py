@@ -47,6 +47,7 @@ def run_passes(passes: Sequence[GraphPass[P]], program: P, target: str) -> P:
                     run(program)
             except PassFailed:
                 raise
-            except Exception as error:  # noqa: BLE001 - every failure of a pass is reported with its name
-                raise PassFailed(f"target {target}: graph pass '{graph_pass.name}' failed ({stage}): {error}") from error
+            except Exception as error:
+                where = f"target {target}: graph pass '{graph_pass.name}' failed ({stage})"
+                raise PassFailed(f"{where}: {error}") from error
     return program
