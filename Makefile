@@ -25,13 +25,15 @@ demo: $(STAMP)
 	$(BIN)/tpc export zoo:tiny-llava --method hiprune --keep 64 --target onnx --output out/demo --force
 	$(BIN)/tpc verify out/demo
 
-test: $(STAMP)
-	$(BIN)/ruff check tpc tests benchmarks
+test: lint
 	$(BIN)/python -m pytest -q
 
+# style, the layering (import-linter contracts in pyproject.toml) and the types (mypy on tpc/)
 lint: $(STAMP)
 	$(BIN)/ruff check tpc tests benchmarks
 	$(BIN)/ruff format --check tpc tests benchmarks
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 bench-taps: $(STAMP)
 	$(BIN)/python benchmarks/attention_tap.py

@@ -48,12 +48,13 @@ from rich.progress import Progress
 from rich.table import Table
 
 from tpc.contract.manifest import Manifest
+from tpc.contract.names import PRUNED, STEP, WARMUP
 from tpc.errors import VerificationFailed
 from tpc.exporting import export
+from tpc.kinds.policy import VlaPlan, seeded_frames, seeded_prompt
 from tpc.pipeline import PruneRequest, plan
 from tpc.progress import Step
-from tpc.runtimes.policy import PRUNED, STEP, WARMUP, Policy
-from tpc.vla import VlaPlan, seeded_frames, seeded_prompt
+from tpc.runtimes.policy import Policy
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -375,7 +376,7 @@ def main() -> None:
     results = []
     for config, info in timed:
         the_plan, method = plans[config], config[0]
-        warm = the_plan.flops(the_plan.prompt.image_tokens)["step"] if the_plan.stateful else None
+        warm = the_plan.flops(pruned=False)["step"] if the_plan.stateful else None
         step_flops = the_plan.flops()["step"]
         results.append(Result(info.label, method, the_plan.keep, list(the_plan.component_names), step_flops, warm))
     console.print(f"loading {len(timed)} policies into ONNX Runtime")

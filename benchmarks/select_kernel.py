@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine
 
-from tpc import plugins
+from tpc.exporter.tensorrt import plugins
 from tpc.ops import select_tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tpc import plugins
 from tpc.errors import UsageError
+from tpc.exporter.tensorrt import plugins
 from tpc.ops import select_tokens
 from tpc.ops.reference import kept_indices_reference
 

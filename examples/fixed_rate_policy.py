@@ -26,10 +26,10 @@ import argparse
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from tpc.contract.protocols import PolicyProtocol
 from tpc.runtimes.policy import Policy
 
 
@@ -50,10 +50,10 @@ def frames(size: int, seed: int) -> Iterator[np.ndarray]:
     return camera()
 
 
-def prompt(policy: dict[str, Any], seed: int) -> np.ndarray:
+def prompt(policy: PolicyProtocol, seed: int) -> np.ndarray:
     """Seeded prompt ids of the export's static length: BOS first, then ids below the action tokens."""
-    length = policy["prompt"]["text_tokens"]
-    highest = max(4, policy["action_vocab_size"] - policy["n_action_bins"])
+    length = policy.prompt.text_tokens
+    highest = max(4, policy.action_vocab_size - policy.n_action_bins)
     ids = np.random.default_rng(seed).integers(3, highest, size=length, dtype=np.int64)
     ids[0] = 1
     return ids
@@ -71,15 +71,15 @@ def main() -> int:
 
     policy = Policy.load(args.directory)
     meta = policy.policy
-    camera = frames(meta["image"]["size"], args.seed)
+    camera = frames(meta.image.size, args.seed)
     ids = prompt(meta, args.seed)
     period = 1.0 / args.hz
     print(
-        f"{args.directory}: {meta['prompt']['image_tokens']} image tokens, keeps {meta['kept_image_tokens']}, "
+        f"{args.directory}: {meta.prompt.image_tokens} image tokens, keeps {meta.kept_image_tokens}, "
         f"graphs {', '.join(policy.components)}; {args.steps} steps at {args.hz:g} Hz ({period * 1e3:.0f} ms budget)"
     )
 
-    policy.step(next(frames(meta["image"]["size"], args.seed + 1)), ids)  # untimed: the runtime's first call is slow
+    policy.step(next(frames(meta.image.size, args.seed + 1)), ids)  # untimed: the runtime's first call is slow
     policy.reset()  # episode start: a stateful policy runs its warm-up graph for the first `window` steps
     latencies, misses = [], 0
     start = tick = time.perf_counter()

@@ -28,6 +28,7 @@ import torch
 pytest.importorskip("coremltools", reason="the Core ML target needs the 'coreml' extra (coremltools)")
 
 import tpc.exporter.coreml as coreml_target
+import tpc.exporter.coreml.converters as coreml_converters
 from tpc.errors import RuntimeUnavailable, UsageError
 from tpc.exporter.coreml import CoreMLTarget, StaticShapeError, check_static_program
 from tpc.pipeline import Pruned, PruneRequest, as_arrays, build
@@ -251,12 +252,12 @@ def test_select_op_lowers_to_topk_topk_gather(tmp_path: Path) -> None:
 
 
 def test_registration_is_idempotent_and_survives_reload() -> None:
-    coreml_target.register_converters()
-    coreml_target.register_converters()
-    registry = coreml_target._registry()
+    coreml_converters.register_converters()
+    coreml_converters.register_converters()
+    registry = coreml_converters._registry()
     sdpa = registry.get_func("scaled_dot_product_attention")
     assert not getattr(sdpa._tpc_original, "_tpc_converter", False)  # wraps coremltools' own, once
-    module = importlib.reload(coreml_target)  # coremltools is imported: the reload registers again
+    module = importlib.reload(coreml_converters)  # coremltools is imported: the reload registers again
     assert module._registered
     reloaded = registry.get_func("scaled_dot_product_attention")
     assert reloaded._tpc_original is sdpa._tpc_original
@@ -294,10 +295,10 @@ def test_bfloat16_rounding_is_emulated_exactly() -> None:
     assert torch.bfloat16 not in dtypes
     torch.testing.assert_close(program.module()(x), Bf16Round()(x), rtol=0, atol=0)
     fp16 = coreml_target.convert(program, "fp16")._mil_program
-    operations = coreml_target._operations(fp16.functions["main"])
+    operations = coreml_target.operations(fp16.functions["main"])
     rounding = [op for op in operations if op.name.startswith("tpc_bf16") and op.op_type != "const"]
     assert {op.op_type for op in rounding} >= {"mul", "sub"}
-    assert all(coreml_target._dtype_name(out) in ("fp32", "bool") for op in rounding for out in op.outputs)
+    assert all(coreml_target.dtype_name(out) in ("fp32", "bool") for op in rounding for out in op.outputs)
 
 
 def test_io_names_are_sanitized_and_collisions_refused() -> None:
@@ -377,7 +378,7 @@ def evaluate(program: Any, feeds: dict[str, np.ndarray], ties: str = "reverse", 
     def value(var: Any) -> Any:
         return var.val if var.val is not None else env[var.name]
 
-    for op in coreml_target._operations(program.functions["main"]):
+    for op in coreml_target.operations(program.functions["main"]):
         if op.op_type == "const":
             continue
         a = {name: value(var) for name, var in op.inputs.items()}

@@ -208,7 +208,7 @@ def phone_etdump(program: Path, method: str, path: Path) -> None:
     from executorch.devtools.etdump import schema_flatcc as schema
     from executorch.devtools.etdump.serialize import serialize_to_etdump_flatcc
 
-    from tpc.etdump import instruction_names
+    from tpc.runtimes.executorch.etdump import instruction_names
 
     events, clock = [], 0
     for (chain, index), (_, kind) in sorted(instruction_names(program, method).items()):

@@ -148,7 +148,7 @@ def _synthetic_etdump(program: Path, method: str, path: Path) -> dict[str, float
     from executorch.devtools.etdump import schema_flatcc as schema
     from executorch.devtools.etdump.serialize import serialize_to_etdump_flatcc
 
-    from tpc.etdump import instruction_names
+    from tpc.runtimes.executorch.etdump import instruction_names
 
     names = instruction_names(program, method)
     events, clock, expected = [], 0, {}

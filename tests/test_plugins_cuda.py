@@ -4,8 +4,8 @@
     a GPU and rejects bad arguments with the documented codes;
   * the CMake project configures and says the TensorRT plugin is skipped when TensorRT is absent;
   * the plugin sources carry what TensorRT looks up (C-linkage getCreators, name/namespace/version, field k);
-  * the kernel's algorithm, emulated step by step in numpy (tpc.plugins.emulate_token_select), equals the select
-    rule's reference on tie-heavy, NaN, ±inf and -0.0 scores in float32 and float16.
+  * the kernel's algorithm, emulated step by step in numpy (tpc.exporter.tensorrt.plugins.emulate_token_select),
+    equals the select rule's reference on tie-heavy, NaN, ±inf and -0.0 scores in float32 and float16.
 The kernel itself runs in device_tests/test_select_kernel_gpu.py on a GPU.
 """
 
@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from tpc import plugins
 from tpc.errors import UsageError
+from tpc.exporter.tensorrt import plugins
 from tpc.ops.reference import token_select_reference
 
 PLUGINS = plugins.plugins_dir()

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from tpc.contract.protocols import DecoderLengths, ImageSpec, Normalization, PolicyPromptSpec, PolicyProtocol
 from tpc.errors import UsageError
 from tpc.runtimes import VLM, Encoder, NonFiniteInputWarning
 from tpc.runtimes.base import TARGET_RUNTIMES
@@ -163,15 +164,22 @@ def test_generate_warns_on_nan_pixels_and_refuses_them_when_strict(llava: Path) 
 
 # --- policy: the loop over two stand-in step graphs (the checks run before any graph) ---------------------------
 
-POLICY = {
-    "action_dim": 7,
-    "n_action_bins": 256,
-    "action_vocab_size": 1000,
-    "action_stats": {"q01": [-1.0] * 7, "q99": [1.0] * 7},
-    "image": {"size": 32, "normalization": [{"mean": [0.5] * 3, "std": [0.5] * 3}] * 2},
-    "prompt": {"text_tokens": 12, "image_start": 1, "image_tokens": 16, "length": 28, "template": "In: {x}?\nOut:"},
-    "state": {},
-}
+POLICY = PolicyProtocol(
+    action_dim=7,
+    n_action_bins=256,
+    action_vocab_size=1000,
+    unnorm_key=None,
+    action_stats={"q01": [-1.0] * 7, "q99": [1.0] * 7},
+    image=ImageSpec(32, (Normalization("dinov2", (0.5,) * 3, (0.5,) * 3),) * 2),
+    prompt=PolicyPromptSpec(
+        text_tokens=12, image_start=1, image_tokens=16, length=28, template="In: {x}?\nOut:", empty_token_id=29871
+    ),
+    kept_image_tokens=16,
+    decoder_lengths=DecoderLengths((28,), (28,)),
+    state=None,
+    graphs={"step": "every step"},
+    protocol="step(image, prompt ids): action_tokens = step(pixel_values, input_ids); decode them",
+)
 
 
 def stand_in_step(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -23,16 +23,17 @@ from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tpc.contract.manifest import TensorSpec
+from tpc.contract.names import DECODE, PREFILL
 from tpc.errors import UsageError
 from tpc.exporting import export
+from tpc.kinds.policy import seeded_frames, seeded_prompt
 from tpc.methods import fastv, vla_pruner
 from tpc.models_zoo import resolve
 from tpc.passes.policy_stages import policy_stages
 from tpc.pipeline import Component, Pruned, PruneRequest, as_arrays, build
 from tpc.runtimes.policy import Policy, actions_from_tokens
-from tpc.runtimes.staged import DECODE, PREFILL, StagedStep
+from tpc.runtimes.staged import StagedStep
 from tpc.verification import eager_outputs
-from tpc.vla import seeded_frames, seeded_prompt
 
 TOWERS = [
     {"family": "dinov2", "hidden_size": 32, "num_layers": 3, "num_heads": 2, "intermediate_size": 64,
@@ -385,7 +386,9 @@ def test_policy_runtime_carries_the_state(vla_export: Path) -> None:
 
 
 def test_actions_decode_as_the_release_does() -> None:
-    policy = {"n_action_bins": 256, "action_vocab_size": 32000, "action_stats": NORM_STATS["libero_spatial"]["action"]}
+    policy = SimpleNamespace(
+        n_action_bins=256, action_vocab_size=32000, action_stats=NORM_STATS["libero_spatial"]["action"]
+    )
     tokens = np.array([31999, 31744, 31872, 100, 31900, 31950, 31744])  # bin 0, bin 255 (clipped to 254), ...
     actions = actions_from_tokens(tokens, policy)
     centers = (np.linspace(-1, 1, 256)[:-1] + np.linspace(-1, 1, 256)[1:]) / 2

@@ -17,11 +17,11 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from tpc.cli import main
 from tpc.errors import UsageError
+from tpc.kinds.vlm import seeded_prompt
 from tpc.methods import divprune, fastv, hiprune
 from tpc.pipeline import PruneRequest, build
 from tpc.runtimes import VLM
 from tpc.verification import generation_inputs, verify
-from tpc.vlm import seeded_prompt
 
 STANDALONE_COMPONENTS = textwrap.dedent(
     """
@@ -173,7 +173,7 @@ def test_fastv_prefill_matches_a_reference_built_from_transformers() -> None:
     pruned = build(PruneRequest("zoo:tiny-llava", "fastv", 40))
     model = _hf(pruned.source.path)
     generation = pruned.plan.generation()
-    start, count = generation["prompt"]["image_start"], generation["prompt"]["image_tokens"]
+    start, count = generation.prompt.image_start, generation.prompt.image_tokens
     layer = pruned.params["layer"]
     pixels, ids = generation_inputs(pruned, seed=2)
     with torch.no_grad():

@@ -9,6 +9,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tpc.flows import flow  # the flows by name, each imported on its first call
+
 # With the executorch extra installed, transformers imports torchao, which logs a warning for every CUDA
 # extension it cannot load on a CPU machine, and torch logs pytree deprecations: noise, not tpc's report.
 for _noisy in ("torchao", "torch.utils._pytree"):
@@ -35,10 +37,8 @@ def _request(
     prompt_len: int | None = None,
     max_new_tokens: int | None = None,
 ) -> PruneRequest:
-    from tpc.pipeline import PruneRequest
-
     params = {k: str(v) for k, v in (params or {}).items()}
-    return PruneRequest(model, method, keep, params, dtype, batch, prompt_len, max_new_tokens)
+    return flow("build").PruneRequest(model, method, keep, params, dtype, batch, prompt_len, max_new_tokens)
 
 
 def prune(
@@ -46,9 +46,7 @@ def prune(
 ) -> nn.Module:
     """The pruned eager module: `module(pixel_values) -> (kept_features, kept_indices)` for an encoder; for a VLM
     a ModuleDict of its `vision`, `prefill` and `decode` components."""
-    from tpc.pipeline import build
-
-    return build(_request(model, method, keep, params, dtype, 1)).module
+    return flow("build").build(_request(model, method, keep, params, dtype, 1)).module
 
 
 def export(
@@ -68,26 +66,20 @@ def export(
     """Export and (by default) verify; raises `tpc.errors.VerificationFailed` on a mismatch.
 
     A VLM export is run with `tpc.runtimes.VLM.load(output).generate(pixel_values, input_ids)`."""
-    from tpc.exporting import export as run_export
-
     request = _request(model, method, keep, params, dtype, batch, prompt_len, max_new_tokens)
-    return run_export(request, target, Path(output), force, verify)
+    return flow("export").export(request, target, Path(output), force, verify)
 
 
 def verify(directory: str | Path, samples: int | None = None, inputs: str | Path | None = None) -> VerifyReport:
     """Compare an export, run in its runtime, with the eager pruned model."""
-    from tpc.verification import verify as run_verify
-
-    return run_verify(Path(directory), samples, Path(inputs) if inputs is not None else None)
+    return flow("verify").verify(Path(directory), samples, Path(inputs) if inputs is not None else None)
 
 
 def profile(
     directory: str | Path, runs: int = 50, warmup: int = 5, baseline: str | Path | None = None
 ) -> ProfileReport:
     """Latency of an export in its runtime, side by side with a baseline export if given."""
-    from tpc.profiling import profile as run_profile
-
-    return run_profile(Path(directory), runs, warmup, Path(baseline) if baseline is not None else None)
+    return flow("profile").profile(Path(directory), runs, warmup, Path(baseline) if baseline is not None else None)
 
 
 __all__ = ["__version__", "export", "profile", "prune", "verify"]

@@ -11,6 +11,8 @@ import signal
 import sys
 from types import FrameType
 
+from tpc.flows import flow
+
 EXIT_INTERRUPTED = 130
 
 
@@ -26,11 +28,9 @@ def _on_terminate(signum: int, frame: FrameType | None) -> None:
 def main() -> int:
     signal.signal(signal.SIGTERM, _on_terminate)
     try:
-        from tpc.cli import main as cli_main
-        from tpc.cli import native_output_to_log
-
-        native_output_to_log()
-        return cli_main()
+        cli = flow("cli")  # imported after the handler: a SIGTERM during the imports is a clean exit too
+        cli.native_output_to_log()
+        return cli.main()
     except KeyboardInterrupt:
         try:
             print("aborted", file=sys.stderr, flush=True)

@@ -8,15 +8,23 @@ import os
 import sys
 import traceback
 import warnings
+from inspect import Parameter, Signature
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand, TyperOption
 from typer.exceptions import TyperException  # base of typer's (vendored click) usage errors
 
-from tpc.errors import UsageError, VerificationFailed
+from tpc.contract.names import MANIFEST_FILE
+from tpc.errors import RuntimeUnavailable, UsageError, VerificationFailed
+from tpc.flows import flow
+from tpc.kinds import accepts_method
+from tpc.methods import REGISTRY
+from tpc.models_zoo import FAMILY_KINDS, ZOO
+from tpc.progress import rich_steps
 
 
 def _plain_argument_help() -> None:
@@ -179,29 +187,9 @@ def _render_verify(report: Any) -> None:
     out.print(("[green]PASS[/green] " if report.passed else "[red]FAIL[/red] ") + report.diagnosis, soft_wrap=True)
 
 
-def _render_policy_plan(plan: dict[str, Any]) -> None:
-    tokens, prompt = plan["tokens"], plan["prompt"]
-    out.print(f"[bold]{plan['model']}[/bold] ({plan['family']} policy): method {plan['method']}, {plan['params']}")
-    out.print(f"prune point: {plan['prune_point']}")
-    for tap in plan["taps"]:
-        out.print(f"  tap decoder layer {tap['layer']}: {tap['reduction']}")
-    out.print(
-        f"prompt: BOS + {prompt['image_tokens']} image tokens + {prompt['text_tokens'] - 1} text tokens; "
-        f"image tokens {tokens['before']} -> {tokens['after']}; decoder lengths {plan['decoder_lengths']['pruned']}"
-    )
-    out.print(f"graphs: {plan['graphs']}")
-    if plan["state"]:
-        out.print(f"state carried between steps: {plan['state']}")
-    full, pruned = plan["flops"]["unpruned"], plan["flops"]["pruned"]
-    for stage in ("towers", "projector", "prefill", "decode", "step"):
-        out.print(f"  {stage} GFLOPs: {full[stage] / 1e9:.3f} unpruned -> {pruned[stage] / 1e9:.3f}")
-    out.print(f"FLOPs-ideal speedup per step: {plan['ideal_speedup']['step']:.2f}x")
-
-
 def _render_export(directory: Path, json_path: Path | None) -> None:
-    from tpc.inspect import describe_export
 
-    info = describe_export(directory)
+    info = flow("inspect").describe_export(directory)
     _write_json(json_path, info)
     tokens = info["tokens"]
     out.print(
@@ -284,8 +272,77 @@ def _mark(ok: bool) -> str:
     return "[green]yes[/green]" if ok else "[red]no[/red]"
 
 
-@app.command()
+class _TargetOptionsCommand(TyperCommand):
+    """`tpc export` with the targets' options read from their `Options` dataclasses (`tpc.exporter.option_specs`):
+    a flag for each option the CLI takes as a flag (`--compute-units`, its help and valid values), and the `--param
+    NAME=VALUE` names in `--param`'s help. Built when the command parses or shows its help, not when `tpc` starts
+    (`tpc --help` loads no target). Flag values land in `ctx.meta[TARGET_FLAGS]`; the target checks them."""
+
+    _built = False
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        if not self._built:
+            self._built = True
+            self._add_target_options()
+        return super().get_params(ctx)
+
+    def _add_target_options(self) -> None:
+
+        flags: dict[str, list[tuple[str, Any]]] = {}
+        params = []
+        for target, specs in flow("targets").option_specs().items():
+            for spec in specs:
+                if spec.cli == "param":
+                    choices = "|".join(spec.choices)
+                    params.append(f"{target}: {spec.name}={choices} ({spec.help}; default {spec.default})")
+                else:
+                    flags.setdefault(spec.flag, []).append((target, spec))
+        for param in self.params:
+            if isinstance(param, TyperOption) and param.name == "param" and params:
+                param.help = f"{param.help}; {'; '.join(params)}"
+        self.params += _flag_params(flags)
+
+
+TARGET_FLAGS = "tpc.target_flags"
+
+
+def _flag_params(flags: dict[str, list[tuple[str, Any]]]) -> list[Any]:
+    """typer options (through typer's public command builder) for the target options the CLI takes as flags: each
+    keeps its value in `ctx.meta[TARGET_FLAGS]` under the option's name, not as an argument of the command."""
+
+    def keeper(name: str) -> Any:
+        def keep(ctx: typer.Context, value: str | None) -> None:
+            if value is not None:
+                ctx.meta.setdefault(TARGET_FLAGS, {})[name] = value
+
+        return keep
+
+    parameters = []
+    for flag, uses in flags.items():
+        spec = uses[0][1]
+        shown = "; ".join(
+            f"{target}: {s.help}"
+            + (f": {' | '.join(s.choices)}" if s.choices and not all(c in s.help for c in s.choices) else "")
+            + (f" (default {s.default})" if s.default else "")
+            for target, s in uses
+        )
+        declared = typer.Option(
+            None, flag, metavar=spec.metavar or "VALUE", help=shown, expose_value=False, callback=keeper(spec.name)
+        )
+        parameters.append(Parameter(spec.name, Parameter.KEYWORD_ONLY, default=declared, annotation=str | None))
+
+    def holder(**_: Any) -> None:
+        """Only its options are used."""
+
+    holder.__signature__ = Signature(parameters)  # type: ignore[attr-defined]
+    builder = typer.Typer(add_completion=False)
+    builder.command()(holder)
+    return list(typer.main.get_command(builder).params)
+
+
+@app.command(cls=_TargetOptionsCommand)
 def export(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(metavar="MODEL", help="local Hugging Face model directory, or zoo:NAME")],
     method: Annotated[
         str, typer.Option(metavar="METHOD", help="pruning method (see `tpc methods`); none = unpruned baseline")
@@ -295,9 +352,7 @@ def export(
     target: Annotated[str, typer.Option(metavar="TARGET", help="onnx | tensorrt | executorch | coreml")] = "onnx",
     param: Annotated[
         list[str] | None,
-        typer.Option(
-            metavar="NAME=VALUE", help="method/model parameter (repeatable); tensorrt: trt_select=native|plugin"
-        ),
+        typer.Option(metavar="NAME=VALUE", help="method/model parameter, or target option (repeatable)"),
     ] = None,
     dtype: Annotated[str, typer.Option(metavar="DTYPE", help="fp32 | fp16")] = "fp32",
     prompt_len: Annotated[
@@ -311,26 +366,18 @@ def export(
     samples: Annotated[int, typer.Option(metavar="N", help="inputs compared by the verification (1..64)")] = 4,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output directory")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip the eager-vs-export check")] = False,
-    compute_units: Annotated[
-        str | None,
-        typer.Option(metavar="UNITS", help="coreml: all | cpu_and_gpu | cpu_only | cpu_and_ne (default all)"),
-    ] = None,
     bundle: Annotated[
         bool, typer.Option("--bundle", help="executorch: also write bundle/ for executor_runner and benchmark apps")
     ] = False,
 ) -> None:
     """Prune MODEL to KEEP visual tokens with METHOD, export it for TARGET, and verify it against eager."""
-    from tpc.exporter import PARAM_OPTIONS
-    from tpc.exporting import export as run_export
-    from tpc.pipeline import PruneRequest
-    from tpc.progress import rich_steps
 
     params = _parse_params(param or [])
-    options = {name: params.pop(name) for name in list(params) if name in PARAM_OPTIONS}
-    if compute_units is not None:
-        options["compute_units"] = compute_units
-    request = PruneRequest(model, method, keep, params, dtype, batch, prompt_len, max_new_tokens)
-    result = run_export(request, target, output, force, not no_verify, samples, rich_steps(err), options, bundle=bundle)
+    options = {name: params.pop(name) for name in list(params) if name in flow("targets").PARAM_OPTIONS}
+    options.update(ctx.meta.get(TARGET_FLAGS, {}))
+    request = flow("build").PruneRequest(model, method, keep, params, dtype, batch, prompt_len, max_new_tokens)
+    steps, verifies = rich_steps(err), not no_verify
+    result = flow("export").export(request, target, output, force, verifies, samples, steps, options, bundle=bundle)
     if result.report is not None:
         _render_verify(result.report)
     if result.skipped is not None:
@@ -366,14 +413,10 @@ def verify(
     ] = False,
 ) -> None:
     """Run the export in its runtime and compare with eager PyTorch; exit 1 if they differ."""
-    from tpc.errors import RuntimeUnavailable
-    from tpc.progress import rich_steps
-    from tpc.verification import skipped_verification
-    from tpc.verification import verify as run_verify
 
     check_json_path(json_path, directory)
     try:
-        report = run_verify(directory, samples, inputs, step=rich_steps(err))
+        report = flow("verify").verify(directory, samples, inputs, step=rich_steps(err))
     except RuntimeUnavailable as unavailable:
         if not allow_skip:
             raise
@@ -387,7 +430,7 @@ def verify(
                 out.print(f"  {check}", soft_wrap=True)
         else:
             out.print("no check ran here")
-        _write_json(json_path, {**skipped_verification(reason), "ran": ran})
+        _write_json(json_path, {**flow("verify").skipped_verification(reason), "ran": ran})
         return
     _render_verify(report)
     _write_json(json_path, report.to_dict())
@@ -418,14 +461,13 @@ def profile(
     tick_ns: Annotated[float, typer.Option(metavar="NS", help="--etdump: nanoseconds per ETDump tick")] = 1.0,
 ) -> None:
     """Latency of an export in its runtime (median, p90), and the speedup over a baseline export."""
-    from tpc.profiling import profile as run_profile
 
     check_json_path(json_path, directory)
     if etdump is not None:
         _render_etdump(directory, etdump, method, tick_ns, json_path)
         return
 
-    report = run_profile(directory, runs, warmup, baseline)
+    report = flow("profile").profile(directory, runs, warmup, baseline)
     table = Table(title=f"profile: {report.runtime} on {report.machine}")
     for column in ("export", "graph", "median ms", "p90 ms", "min ms", "runs"):
         table.add_column(column)
@@ -440,7 +482,7 @@ def profile(
             base = f"{report.baseline_directory} (baseline)"
             rows += [(base, name, t) for name, t in (report.baseline_components or {}).items()]
     for directory, graph, t in rows:
-        table.add_row(directory, graph, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", f"{t.min_ms:.3f}", str(t.runs))
+        table.add_row(str(directory), graph, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", f"{t.min_ms:.3f}", str(t.runs))
     out.print(table)
     if report.speedup is not None:
         out.print(f"speedup over baseline: {report.speedup:.2f}x (median, measured side by side)")
@@ -448,9 +490,8 @@ def profile(
 
 
 def _render_etdump(directory: Path, etdump: Path, method: str | None, tick_ns: float, json_path: Path | None) -> None:
-    from tpc.etdump import etdump_report
 
-    report = etdump_report(directory, etdump, method, tick_ns)
+    report = flow("etdump").etdump_report(directory, etdump, method, tick_ns)
     runs = f", {report.runs} runs, median {report.median_run_ms:.3f} ms" if report.median_run_ms is not None else ""
     table = Table(title=f"ETDump {report.etdump}: method {report.method}{runs}")
     for column in ("operator", "kind", "calls", "total ms", "median ms", "share"):
@@ -485,9 +526,6 @@ def inspect(
 ) -> None:
     """The plan: taps, prune point, tokens and FLOPs before/after (reads the config only); for an export
     directory, its components, shapes and the target's report (ExecuTorch delegation, Core ML ops)."""
-    from tpc.contract.manifest import MANIFEST_FILE
-    from tpc.inspect import describe
-    from tpc.pipeline import PruneRequest
 
     is_export = (Path(model) / MANIFEST_FILE).is_file()
     check_json_path(json_path, *([Path(model)] if is_export else []))
@@ -495,58 +533,17 @@ def inspect(
         _render_export(Path(model), json_path)
         return
 
-    request = PruneRequest(model, method, keep, _parse_params(param or []), "fp32", batch, prompt_len)
-    plan = describe(request)
+    request = flow("build").PruneRequest(model, method, keep, _parse_params(param or []), "fp32", batch, prompt_len)
+    plan, lines = flow("inspect").describe(request), flow("inspect").render_plan(request)
     _write_json(json_path, plan)
-    if plan.get("kind") == "policy":
-        _render_policy_plan(plan)
-        return
-    g = plan["geometry"]
-    out.print(
-        f"[bold]{plan['model']}[/bold] ({plan['family']}): {g['layers']} layers, d={g['hidden_size']}, "
-        f"{g['heads']} heads, {g['image_size']}px / {g['patch_size']} -> {g['grid'][0]}x{g['grid'][1]} patches"
-        f" + {g['prefix_tokens']} prefix"
-    )
-    out.print(f"method {plan['method']}, params {plan['params']}")
-    for tap in plan["taps"]:
-        out.print(
-            f"  tap layer {tap['layer']}: {tap['reduction']}; {tap['rows_per_block']} query rows per block, "
-            f"{tap['block_bytes'] / 2**20:.1f} MiB per block"
-        )
-    if plan["taps"]:
-        mib = plan["output_attentions_bytes"] / 2**20
-        out.print(f"  (asking for output_attentions would hold {mib:.1f} MiB of maps)")
-    out.print(f"prune point: {plan['prune_point']}; the vision graph runs {plan['layers_run']} of {g['layers']} layers")
-    tokens, flops = plan["tokens"], plan["flops"]
-    out.print(
-        f"tokens: {tokens['before']} -> {tokens['after']} ({plan['downstream_token_ratio']:.1%} handed downstream)"
-    )
-    if "prompt" not in plan:
-        out.print(
-            f"encoder GFLOPs: {flops['encoder_full'] / 1e9:.3f} full -> {flops['pruned_graph'] / 1e9:.3f} exported"
-        )
-    else:
-        for tap in plan["prefill_taps"]:
-            out.print(f"  tap decoder layer {tap['layer']}: {tap['reduction']}")
-        prompt = plan["prompt"]
-        out.print(
-            f"prompt: {prompt['text_tokens']} text tokens, image at {prompt['image_start']}; the prefill sees "
-            f"{plan['prefill_length']} positions; KV cache capacity per layer {plan['cache_capacity']}"
-        )
-        pruned, full = flops["pruned"], flops["unpruned"]
-        for stage in ("tower", "projector", "prefill", "decode_token"):
-            out.print(f"  {stage} GFLOPs: {full[stage] / 1e9:.3f} unpruned -> {pruned[stage] / 1e9:.3f}")
-        ideal = plan["ideal_speedup"]
-        out.print(f"FLOPs-ideal speedup: first token {ideal['first_token']:.2f}x, decode {ideal['decode_token']:.2f}x")
+    for line in lines:
+        out.print(line)
 
 
 @app.command()
 def methods() -> None:
     """The methods, the model families each applies to, and their parameters (default, valid values)."""
     from rich.text import Text
-
-    from tpc.methods import REGISTRY
-    from tpc.models_zoo import FAMILY_KINDS, accepts_method
 
     def shown(param: Any) -> str:  # alpha=0.1 in (0, 1]; seed=0 (>= 0); object_layer=auto (encoder layer)
         default = "auto" if param.default is None else param.default
@@ -567,7 +564,6 @@ def methods() -> None:
 @app.command()
 def zoo() -> None:
     """The built-in models (random-initialised, architecture-faithful)."""
-    from tpc.models_zoo import ZOO
 
     table = Table(title="zoo (use as zoo:NAME)")
     for column in ("name", "family", "tokens", "layers", "description"):
@@ -608,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         _render_verify(failure.report)
         return _fail("the export does not match eager PyTorch; nothing was written (see the table above)", EXIT_DRIFT)
     except (UsageError, TyperException) as error:
-        if type(error).__name__ == "NoArgsIsHelpError":  # bare `tpc`: the help, as `tpc --help` shows it
+        if isinstance(error, TyperException) and type(error).__name__ == "NoArgsIsHelpError":  # bare `tpc`: help
             out.print(error.format_message(), markup=False, highlight=False)
             return 0
         if debug:

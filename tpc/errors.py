@@ -8,7 +8,7 @@ failure that exits 1. Anything else also exits 2 with one line; `TPC_DEBUG=1` sh
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Protocol
 
 
 class UsageError(Exception):
@@ -40,9 +40,17 @@ class RuntimeUnavailable(UsageError):
     """
 
 
+class DiagnosedReport(Protocol):
+    """What a failure's report offers this module: its one-line diagnosis (the verification report,
+    `tpc.contract.report.VerifyReport`, from a layer above this one)."""
+
+    @property
+    def diagnosis(self) -> str: ...
+
+
 class VerificationFailed(Exception):
     """The export ran but does not match eager (exit 1); carries the verification report."""
 
-    def __init__(self, report: Any) -> None:
+    def __init__(self, report: DiagnosedReport) -> None:
         super().__init__(report.diagnosis)
         self.report = report

@@ -23,22 +23,16 @@ from tpc.contract.manifest import ComponentSpec, Manifest, TensorSpec, write_sam
 from tpc.contract.names import KEPT_INDICES, PREFILL, stage_method
 from tpc.errors import RuntimeUnavailable, UsageError, VerificationFailed
 from tpc.exporter import ExportPart, get_target, runtime_for
-from tpc.exporter.bundle import write_bundle
+from tpc.exporter.base import Artifact, Target
+from tpc.kinds.base import Kind
+from tpc.models_zoo import ZOO_PREFIX
+from tpc.models_zoo.zoo import cache_root
 from tpc.outputs import absolute, check_output, commit, recover, staging_dir
-from tpc.passes.policy_stages import StagePart, policy_stages, prefill_stage
-from tpc.passes.policy_step import PolicyStep
-from tpc.pipeline import Pruned, PruneRequest, as_arrays, build, eager_outputs
+from tpc.passes.policy_stages import StagePart
+from tpc.pipeline import Pruned, PruneRequest, as_arrays, build, eager_outputs, kind_for
 from tpc.progress import Step, silent
 from tpc.runtimes import RUNTIMES
-from tpc.runtimes.staged import STAGES_PROTOCOL
-from tpc.verification import (
-    VerifyReport,
-    check_samples,
-    skipped_verification,
-    verify,
-    write_episode_sample,
-    write_generation_sample,
-)
+from tpc.verification import VerifyReport, check_samples, skipped_verification, verify
 
 
 @dataclass
@@ -86,17 +80,11 @@ def _arrays(tensors: dict) -> dict[str, np.ndarray]:
     return {name: tensor.numpy() for name, tensor in tensors.items()}
 
 
-def staged_components(parts: dict[str, ExportPart]) -> dict[str, dict[str, StagePart]]:
-    """The policy steps of an export, each split into its prefill and decode stages (targets that lower per stage)."""
-    return {
-        name: policy_stages(part.module, part.inputs)
-        for name, part in parts.items()
-        if isinstance(part.module, PolicyStep)
-    }
-
-
 def _program_parts(
-    parts: dict[str, ExportPart], forced_parts: dict[str, ExportPart], staged: dict[str, dict[str, StagePart]]
+    kind: Kind,
+    parts: dict[str, ExportPart],
+    forced_parts: dict[str, ExportPart],
+    staged: dict[str, dict[str, StagePart]],
 ) -> tuple[dict[str, ExportPart], dict[str, ExportPart]]:
     """What the target writes: each component, or a staged one's stages by method name; the same for the
     teacher-forced programs, where a staged step's prefill is the stage that selects."""
@@ -111,18 +99,17 @@ def _program_parts(
             programs[stage_method(name, stage)] = stage_part.part
         if name in forced_parts:
             kept = forced_parts[name].inputs[KEPT_INDICES]
-            forced_programs[stage_method(name, PREFILL)] = prefill_stage(part.module, part.inputs, kept).part
+            forced_programs[stage_method(name, PREFILL)] = kind.forced_first_stage(part, kept).part
     return programs, forced_programs
 
 
-def _manifest(pruned: Pruned, target_name: str, components: list[ComponentSpec], versions: dict) -> Manifest:
+def _manifest(
+    pruned: Pruned, kind: Kind, target_name: str, components: list[ComponentSpec], versions: dict
+) -> Manifest:
     plan = pruned.plan
     geometry = pruned.source.geometry
     runtime = runtime_for(target_name)
-    generation = plan.generation() if hasattr(plan, "generation") else None
-    policy = plan.policy() if hasattr(plan, "policy") else None
-    prompt = (generation or policy or {}).get("prompt")
-    before = prompt["image_tokens"] if prompt else geometry.num_patches
+    runs = plan.kept_widths
     return Manifest(
         model={
             "ref": pruned.source.ref,
@@ -138,14 +125,15 @@ def _manifest(pruned: Pruned, target_name: str, components: list[ComponentSpec],
         batch=pruned.request.batch,
         components=components,
         tokens={
-            "before": before,
+            "before": kind.tokens_before(plan),
             "after": pruned.keep,
             "grid": list(geometry.grid),
             "prefix_tokens": geometry.prefix_tokens,
             "stage": pruned.method.stage,
+            **({"kept_runs": list(runs)} if len(runs) > 1 else {}),
         },
-        generation=generation,
-        policy=policy,
+        **kind.manifest_sections(plan),
+        runtime=runtime.name,
         versions={
             "tpc": version("tpc"),
             "python": platform.python_version(),
@@ -159,9 +147,6 @@ def _manifest(pruned: Pruned, target_name: str, components: list[ComponentSpec],
 
 def protected_paths(model: str) -> list[tuple[str, Path]]:
     """Directories an export may never replace besides the working and home directories: the model's own."""
-    from tpc.models_zoo import ZOO_PREFIX
-    from tpc.models_zoo.zoo import cache_root
-
     if model.startswith(ZOO_PREFIX):
         return [("tpc's model cache", cache_root())]
     return [("the model directory", absolute(model))]
@@ -180,98 +165,145 @@ def export(
 ) -> ExportResult:
     """Export `request` for `target` into `output`; raises VerificationFailed if it does not match eager.
 
-    `target_options`: the target's own settings (Core ML's `compute_units`). `bundle`: ExecuTorch only, also
-    write the phone benchmark bundle (`tpc.exporter.bundle`). Where the target's runtime cannot run on this
-    machine (Core ML off macOS), the export keeps its conversion checks and records the skipped run.
+    `target_options`: the target's own settings (Core ML's `compute_units`). `bundle`: also write the target's
+    phone benchmark bundle (`Target.bundle`; ExecuTorch's is `tpc.exporter.executorch.bundle`). Where the target's
+    runtime cannot run on this machine (Core ML off macOS), the export keeps its conversion checks and records the
+    skipped run.
     """
     output = absolute(output)
     check_samples(samples)
     exporter = get_target(target, **(target_options or {}))
     exporter.check_installed()
-    if bundle and target != "executorch":
+    if bundle and exporter.bundle is None:
         raise UsageError(f"--bundle applies to --target executorch (an ExecuTorch benchmark bundle), not '{target}'")
     recover(output)  # first: a killed --force export's old output is put back before the existence check
     protected = protected_paths(request.model)
     check_output(output, force, protected, protected)
     what = "(the unpruned baseline)" if request.method == "none" else f"and insert the {request.method} prune point"
     with step(f"load {request.model} {what}"):
-        pruned = build(request)
+        pruned = build(request)  # plan (every check before any weights load) -> build
+    kind = kind_for(pruned.source)
     staging = staging_dir(output)
     try:
         first_inputs = as_arrays(pruned.samples(seed=0))
         expected = {name: eager_outputs(c, first_inputs[name]) for name, c in pruned.components.items()}
-        parts = {
-            name: ExportPart(component.module, _tensors(first_inputs[name]), component.output_names)
-            for name, component in pruned.components.items()
-        }
-        cuts = RUNTIMES[exporter.runtime].cuts_outputs
-        forced_parts = {} if cuts else teacher_forced_parts(pruned, first_inputs, expected)
-        staged = staged_components(parts) if exporter.lowers_policies_per_stage else {}
-        programs, forced_programs = _program_parts(parts, forced_parts, staged)
-        with step(f"export {', '.join(programs)} to {target}"):
-            artifacts = exporter.export_components(programs, staging, staging)
-        forced = {}
-        if forced_programs:
-            with step(f"export teacher-forced {', '.join(forced_programs)} (verification only)"):
-                forced = exporter.export_components(forced_programs, staging / TEACHER_FORCED_DIR, staging)
-        versions: dict[str, str] = {}
-
-        def spec_for(name: str, inputs: dict, outputs: dict) -> ComponentSpec:
-            artifact = artifacts[name]
-            versions.update(artifact.graph.pop("versions", {}))
-            write_samples(staging, name, inputs, outputs)
-            return ComponentSpec(
-                name,
-                artifact.path,
-                [TensorSpec.of(n, a) for n, a in inputs.items()],
-                [TensorSpec.of(n, a) for n, a in outputs.items()],
-                artifact.graph,
-                method=artifact.method,
-                teacher_forced=forced[name].path if name in forced else None,
-            )
-
-        specs = []
-        for name in pruned.components:
-            if name not in staged:
-                specs.append(spec_for(name, first_inputs[name], expected[name]))
-                continue
-            stages = [
-                spec_for(stage_method(name, stage), _arrays(part.part.inputs), _arrays(part.expected))
-                for stage, part in staged[name].items()
-            ]
-            write_samples(staging, name, first_inputs[name], expected[name])
-            step_spec = ComponentSpec(
-                name,
-                stages[0].artifact,
-                [TensorSpec.of(n, a) for n, a in first_inputs[name].items()],
-                [TensorSpec.of(n, a) for n, a in expected[name].items()],
-                stages=stages,
-            )
-            specs.append(step_spec)
-        manifest = _manifest(pruned, target, specs, versions)
-        if staged:
-            manifest.policy["stages"] = STAGES_PROTOCOL
-        if manifest.generation is not None:
-            write_generation_sample(staging, pruned)
-        if manifest.policy is not None:
-            write_episode_sample(staging, pruned)
-        if bundle:
-            with step("write the phone benchmark bundle"):
-                write_bundle(staging, manifest)
-        manifest.write(staging)  # records the sha256 of every file written so far
-        report, skipped = None, None
-        if run_verify:
-            try:
-                report = verify(staging, samples=samples, pruned=pruned, step=step)
-            except RuntimeUnavailable as unavailable:
-                skipped = str(unavailable)
-                manifest.verification = skipped_verification(skipped)
-            else:
-                manifest.verification = report.to_dict()
-            manifest.write(staging)
-            if report is not None and not report.passed:
-                raise VerificationFailed(report)
+        lowered = _lower(pruned, kind, exporter, first_inputs, expected, staging, step)
+        manifest = _write(pruned, kind, exporter, lowered, first_inputs, expected, staging, bundle, step)
+        report, skipped = _verify(manifest, pruned, staging, run_verify, samples, step)
         commit(staging, output, force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(output, manifest, report, skipped)
+
+
+@dataclass
+class Lowered:
+    """What the target wrote: each program's artifact, the teacher-forced ones, and which components were staged."""
+
+    artifacts: dict[str, Artifact]
+    forced: dict[str, Artifact]
+    staged: dict[str, dict[str, StagePart]]
+
+
+def _lower(
+    pruned: Pruned,
+    kind: Kind,
+    exporter: Target,
+    first_inputs: dict[str, dict[str, np.ndarray]],
+    expected: dict[str, dict[str, np.ndarray]],
+    staging: Path,
+    step: Step,
+) -> Lowered:
+    """Each component (or its stages, for targets that lower a policy step per stage) through the target; the
+    selecting ones also teacher-forced, where the runtime cannot cut a compiled graph at kept_indices."""
+    parts = {
+        name: ExportPart(component.module, _tensors(first_inputs[name]), component.output_names)
+        for name, component in pruned.components.items()
+    }
+    cuts = RUNTIMES[exporter.runtime].cuts_outputs
+    forced_parts = {} if cuts else teacher_forced_parts(pruned, first_inputs, expected)
+    staged = kind.stages(parts) if exporter.lowers_policies_per_stage else {}
+    programs, forced_programs = _program_parts(kind, parts, forced_parts, staged)
+    with step(f"export {', '.join(programs)} to {exporter.name}"):
+        artifacts = exporter.export_components(programs, staging, staging)
+    forced = {}
+    if forced_programs:
+        with step(f"export teacher-forced {', '.join(forced_programs)} (verification only)"):
+            forced = exporter.export_components(forced_programs, staging / TEACHER_FORCED_DIR, staging)
+    return Lowered(artifacts, forced, staged)
+
+
+def _write(
+    pruned: Pruned,
+    kind: Kind,
+    exporter: Target,
+    lowered: Lowered,
+    first_inputs: dict[str, dict[str, np.ndarray]],
+    expected: dict[str, dict[str, np.ndarray]],
+    staging: Path,
+    bundle: bool,
+    step: Step,
+) -> Manifest:
+    """Samples (each program's, then the kind's own), the manifest with every file's hash, the optional bundle."""
+    versions: dict[str, str] = {}
+
+    def spec_for(name: str, inputs: dict, outputs: dict) -> ComponentSpec:
+        artifact = lowered.artifacts[name]
+        versions.update(artifact.graph.pop("versions", {}))
+        write_samples(staging, name, inputs, outputs)
+        return ComponentSpec(
+            name,
+            artifact.path,
+            [TensorSpec.of(n, a) for n, a in inputs.items()],
+            [TensorSpec.of(n, a) for n, a in outputs.items()],
+            artifact.graph,
+            method=artifact.method,
+            teacher_forced=lowered.forced[name].path if name in lowered.forced else None,
+        )
+
+    specs = []
+    for name in pruned.components:
+        if name not in lowered.staged:
+            specs.append(spec_for(name, first_inputs[name], expected[name]))
+            continue
+        stages = [
+            spec_for(stage_method(name, stage), _arrays(part.part.inputs), _arrays(part.expected))
+            for stage, part in lowered.staged[name].items()
+        ]
+        write_samples(staging, name, first_inputs[name], expected[name])
+        step_spec = ComponentSpec(
+            name,
+            stages[0].artifact,
+            [TensorSpec.of(n, a) for n, a in first_inputs[name].items()],
+            [TensorSpec.of(n, a) for n, a in expected[name].items()],
+            stages=stages,
+        )
+        specs.append(step_spec)
+    manifest = _manifest(pruned, kind, exporter.name, specs, versions)
+    if lowered.staged:
+        kind.record_stages(manifest)
+    kind.write_samples(staging, pruned)
+    if bundle:
+        with step(f"write {exporter.bundle}"):
+            exporter.write_bundle(staging, manifest)
+    manifest.write(staging)  # records the sha256 of every file written so far
+    return manifest
+
+
+def _verify(
+    manifest: Manifest, pruned: Pruned, staging: Path, run_verify: bool, samples: int, step: Step
+) -> tuple[VerifyReport | None, str | None]:
+    """Verify the staged export (unless told not to); its result goes into tpc.json; drift raises."""
+    report, skipped = None, None
+    if run_verify:
+        try:
+            report = verify(staging, samples=samples, pruned=pruned, step=step)
+        except RuntimeUnavailable as unavailable:
+            skipped = str(unavailable)
+            manifest.verification = skipped_verification(skipped)
+        else:
+            manifest.verification = report.to_dict()
+        manifest.write(staging)
+        if report is not None and not report.passed:
+            raise VerificationFailed(report)
+    return report, skipped

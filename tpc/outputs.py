@@ -20,7 +20,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tpc.errors import UsageError
@@ -156,7 +156,7 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _libc_renameat2() -> object | None:
+def _libc_renameat2() -> Callable[[int, bytes, int, bytes, int], int] | None:
     name = ctypes.util.find_library("c")
     try:
         function = ctypes.CDLL(name, use_errno=True).renameat2

@@ -18,8 +18,8 @@ from typing import Any
 
 from tpc.contract.manifest import INPUTS_FILE, Manifest, read_samples
 from tpc.errors import UsageError
-from tpc.exporter import runtime_for
-from tpc.runtimes.base import open_component
+from tpc.kinds import record_of
+from tpc.runtimes.base import open_component, runtime_of
 
 
 @dataclass
@@ -55,10 +55,6 @@ class ProfileReport:
         return asdict(self)
 
 
-FIRST_TOKEN = ("vision", "prefill")
-POLICY_STEP = ("pruned",)  # a stateful policy's steady-state step (warm-up steps are `window` per episode)
-
-
 class TimedExport:
     """An export ready to time: each component with its first sample's inputs, and the times recorded so far.
 
@@ -69,14 +65,13 @@ class TimedExport:
     def __init__(self, directory: Path) -> None:
         manifest = Manifest.read(directory)
         self.manifest = manifest
-        runtime = runtime_for(manifest.target)
+        runtime = runtime_of(manifest)
         self.runtime = runtime.name
         self.runs: dict[str, Callable[[], object]] = {}
         for spec in manifest.components:
             session = open_component(runtime, directory, spec)
             self.runs[spec.name] = functools.partial(session.run, read_samples(directory, spec.name, INPUTS_FILE))
-        parts = [n for n in FIRST_TOKEN if n in self.runs] or [n for n in POLICY_STEP if n in self.runs]
-        self.headline_parts = parts or list(self.runs)
+        self.headline_parts = list(record_of(manifest).headline([spec.name for spec in manifest.components]))
         self.times: dict[str, list[float]] = {name: [] for name in self.runs}
         self.headline: list[float] = []
 
@@ -109,9 +104,16 @@ def input_layout(manifest: Manifest) -> dict[str, Any]:
         "batch": manifest.batch,
         "inputs": [(spec.name, spec.shape, spec.dtype) for spec in first.inputs if spec.name == "pixel_values"],
     }
-    for section in (manifest.generation, manifest.policy):
-        if section is not None:
-            layout["prompt"] = {k: section["prompt"].get(k) for k in ("text_tokens", "image_tokens", "length")}
+    section = record_of(manifest).section
+    protocols = {"generation": manifest.generation, "policy": manifest.policy}
+    protocol = protocols[section] if section is not None else None
+    if protocol is not None:  # a VLM's or a policy's static prompt
+        prompt = protocol.prompt
+        layout["prompt"] = {
+            "text_tokens": prompt.text_tokens,
+            "image_tokens": prompt.image_tokens,
+            "length": prompt.length,
+        }
     return layout
 
 
@@ -130,8 +132,9 @@ def profile(directory: Path, runs: int = 50, warmup: int = 5, baseline: Path | N
     if not 1 <= runs <= MAX_RUNS or not 0 <= warmup <= MAX_WARMUP:
         raise UsageError(f"--runs must be in 1..{MAX_RUNS} and --warmup in 0..{MAX_WARMUP}, got {runs} and {warmup}")
     timed = TimedExport(Path(directory))
-    base = TimedExport(Path(baseline)) if baseline is not None else None
-    if base is not None:
+    base = None
+    if baseline is not None:
+        base = TimedExport(Path(baseline))
         check_comparable(timed.manifest, base.manifest, Path(baseline))
     for round_number in range(warmup + runs):
         measured = round_number >= warmup

@@ -19,15 +19,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
 
+from tpc.contract.names import MANIFEST_FILE
+from tpc.contract.protocols import GenerationProtocol, PolicyProtocol
 from tpc.errors import UsageError
 
-MANIFEST_FILE = "tpc.json"
 SAMPLES_DIR = "samples"
 INPUTS_FILE = "inputs.npz"
 EXPECTED_FILE = "expected.npz"
@@ -88,8 +90,9 @@ class Manifest:
     components: list[ComponentSpec]
     tokens: dict[str, Any]  # before / after / grid / prefix_tokens
     versions: dict[str, str]
-    generation: dict[str, Any] | None = None  # VLMs: prompt layout, cache layout, the step protocol
-    policy: dict[str, Any] | None = None  # policies: state tensors, graph schedule, prompt, action decoding
+    generation: GenerationProtocol | None = None  # VLMs: prompt layout, cache layout, the step protocol
+    policy: PolicyProtocol | None = None  # policies: state tensors, graph schedule, prompt, action decoding
+    runtime: str | None = None  # the runtime that runs the artifacts (None in exports written before it was recorded)
     sample_seed: int = 0
     verification: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
@@ -109,7 +112,10 @@ class Manifest:
 
         Call it after the last file of the export is written: the hashes are of the files as they are now."""
         self.files = file_hashes(directory)
-        data = _finite(asdict(self), "tpc.json")
+        data = asdict(self)
+        data["generation"] = self.generation.to_dict() if self.generation is not None else None
+        data["policy"] = self.policy.to_dict() if self.policy is not None else None
+        data = _finite(data, "tpc.json")
         (directory / MANIFEST_FILE).write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
 
     @classmethod
@@ -135,6 +141,10 @@ class Manifest:
             )
         _validate(data, path)
         data["components"] = [ComponentSpec.from_dict(c) for c in data["components"]]
+        if data["generation"] is not None:
+            data["generation"] = GenerationProtocol.from_dict(data["generation"])
+        if data["policy"] is not None:
+            data["policy"] = PolicyProtocol.from_dict(data["policy"])
         manifest = cls(**data)
         for spec in manifest.methods:  # only a multi-method artifact (ExecuTorch's .pte) names its entry point
             if (spec.method is None) == (manifest.target in MULTI_METHOD_TARGETS):
@@ -256,6 +266,7 @@ _STR = {"type": "string"}
 _NAME = {"type": "string", "pattern": r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$"}  # component, method and tensor names
 _PATH = {"type": "string", "minLength": 1}
 _INTS = {"type": "array", "items": _INT}
+_NUMBERS = {"type": "array", "items": {"type": "number"}}
 _COUNTS = {"type": "array", "items": _COUNT}
 _OBJECT = {"type": "object"}
 _DTYPES = ["float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"]
@@ -321,18 +332,36 @@ _GENERATION = _record(
         "protocol": _STR,
     }
 )
+_NORMALIZATION = _record({"tower": _STR, "mean": _NUMBERS, "std": _NUMBERS})
+_STATE = _record(
+    {
+        "history": _record(
+            {
+                "shape": _COUNTS,
+                "dtype": {"enum": _DTYPES},
+                "initial": _STR,
+                "input": _NAME,
+                "output": _NAME,
+                "order": _STR,
+            }
+        ),
+        "history_len": _record({"initial": _COUNT, "max": _COUNT, "update": _STR}),
+    }
+)
 _POLICY = _record(
     {
         "action_dim": {"type": "integer", "minimum": 1},
         "n_action_bins": {"type": "integer", "minimum": 1},
         "action_vocab_size": {"type": "integer", "minimum": 1},
         "unnorm_key": _nullable(_STR),
-        "action_stats": _nullable(_OBJECT),
-        "image": _record({"size": _COUNT, "normalization": {"type": "array", "items": _OBJECT}}),
+        "action_stats": _nullable(  # one dataset's statistics: a list per statistic (the mask's booleans)
+            {"type": "object", "additionalProperties": {"type": "array", "items": {"type": ["number", "boolean"]}}}
+        ),
+        "image": _record({"size": _COUNT, "normalization": {"type": "array", "items": _NORMALIZATION}}),
         "prompt": _record({**_PROMPT, "template": _STR, "empty_token_id": _INT}),
         "kept_image_tokens": _COUNT,
         "decoder_lengths": _record({"pruned": _COUNTS, "full": _COUNTS}),
-        "state": _OBJECT,
+        "state": {"anyOf": [{"type": "object", "maxProperties": 0}, _STATE]},  # {}: stateless
         "graphs": {"type": "object", "additionalProperties": _STR},
         "protocol": _STR,
         "stages": _STR,
@@ -352,12 +381,21 @@ SCHEMA: dict[str, Any] = {
             "dtype": {"enum": ["fp32", "fp16"]},
             "batch": {"type": "integer", "minimum": 1},
             "components": {"type": "array", "items": {"$ref": "#/$defs/component"}, "minItems": 1},
-            "tokens": _record(
-                {"before": _COUNT, "after": _COUNT, "grid": _COUNTS, "prefix_tokens": _COUNT, "stage": _STR}
+            "tokens": _record(  # kept_runs: the widths of kept_indices' runs, when a schedule prunes more than once
+                {
+                    "before": _COUNT,
+                    "after": _COUNT,
+                    "grid": _COUNTS,
+                    "prefix_tokens": _COUNT,
+                    "stage": _STR,
+                    "kept_runs": _COUNTS,
+                },
+                optional=("kept_runs",),
             ),
             "versions": {"type": "object", "additionalProperties": _STR},
             "generation": _nullable(_GENERATION),
             "policy": _nullable(_POLICY),
+            "runtime": _nullable(_STR),
             "sample_seed": _COUNT,
             "verification": _nullable(
                 _record({"passed": {"type": ["boolean", "null"]}, "skipped": _STR}, optional=("skipped",), closed=False)
@@ -369,7 +407,8 @@ SCHEMA: dict[str, Any] = {
                 "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
                 "minProperties": 1,
             },
-        }
+        },
+        optional=("runtime",),  # recorded since the architecture change; older exports run by their target's
     ),
 }
 
@@ -384,8 +423,13 @@ def write_samples(
 ) -> None:
     where = samples_dir(directory, component)
     where.mkdir(parents=True, exist_ok=True)
-    np.savez(where / INPUTS_FILE, **inputs)
-    np.savez(where / EXPECTED_FILE, **expected)
+    write_npz(where / INPUTS_FILE, inputs)
+    write_npz(where / EXPECTED_FILE, expected)
+
+
+def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """An `.npz` of named arrays; never a pickle (`load_npz` refuses them), so only non-object arrays."""
+    np.savez(path, allow_pickle=False, **arrays)
 
 
 def read_samples(directory: Path, component: str, name: str) -> dict[str, np.ndarray]:

@@ -7,15 +7,19 @@ and verification, which compares them by name.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
+MANIFEST_FILE = "tpc.json"  # what makes a directory an export (tpc.contract.manifest reads and writes it)
 
 # what every selecting graph outputs (and teacher forcing feeds back as an input): the kept image tokens of each
 # prune transition of the method's schedule, each run ascending, concatenated in schedule order
 KEPT_INDICES = "kept_indices"
 
 PIXEL_VALUES, INPUT_IDS, IMAGE_EMBEDS, LOGITS = "pixel_values", "input_ids", "image_embeds", "logits"
+STEP_INPUT = "step"  # a static decode call's step index (0, 1, ...): where it writes the cache
 
 # components: an encoder export's one graph; a VLM's three; a policy's step graph(s)
 SINGLE = "model"

@@ -10,7 +10,23 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from tpc.contract.manifest import Manifest
 from tpc.errors import require
+from tpc.exporter.graph_pass import GraphPass
+from tpc.exporter.options import OptionSpec, TargetOptions, option
+from tpc.ops.lowering import lower_tpc_ops
+
+__all__ = [
+    "Artifact",
+    "ExportPart",
+    "LowerTpcOps",
+    "OptionSpec",
+    "Target",
+    "TargetOptions",
+    "export_program",
+    "option",
+    "tpc_op_nodes",
+]
 
 
 @dataclass
@@ -31,6 +47,32 @@ def export_program(module: nn.Module, inputs: dict[str, Tensor]) -> torch.export
         return torch.export.export(module, args=args, strict=False)
 
 
+def tpc_op_nodes(program: torch.export.ExportedProgram) -> list[str]:
+    """Names of the nodes that still call one of tpc's custom ops (`torch.ops.tpc.*`)."""
+    return [
+        node.name
+        for node in program.graph_module.graph.nodes
+        if node.op == "call_function" and getattr(node.target, "namespace", None) == "tpc"
+    ]
+
+
+class LowerTpcOps(GraphPass[torch.export.ExportedProgram]):
+    """tpc's custom ops -> their ATen decomposition (`tpc.ops.lowering.lower_tpc_ops`), in the target's form:
+    `flat` (ONNX), `gather` (ExecuTorch), `float32` (TensorRT's native select). Ensures none is left."""
+
+    name = "lower_tpc_ops"
+
+    def __init__(self, lowering: str = "flat") -> None:
+        self.lowering = lowering
+
+    def call(self, program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+        return lower_tpc_ops(program, lowering=self.lowering)
+
+    def ensures(self, program: torch.export.ExportedProgram) -> None:
+        if left := tpc_op_nodes(program):
+            raise RuntimeError(f"tpc ops remain after the '{self.lowering}' lowering: {', '.join(left)}")
+
+
 @dataclass
 class Artifact:
     """Where a component landed: a file (relative to the export directory), the method inside it, and facts."""
@@ -41,15 +83,36 @@ class Artifact:
 
 
 class Target(ABC):
+    """A target: its artifact format, the extra and runtime it needs, its options (`Options`, a `TargetOptions`
+    dataclass the CLI builds its flags from) and its graph passes (`passes`, run in order by `run_passes`)."""
+
     name: ClassVar[str]
     suffix: ClassVar[str]  # artifact file suffix: a component `vision` becomes `vision{suffix}`
     extra: ClassVar[str]  # `pip install tpc[EXTRA]`
     requires: ClassVar[tuple[str, ...]]  # importable modules the target needs
     runtime: ClassVar[str]  # name in tpc.runtimes.RUNTIMES that runs the artifact
-    options: ClassVar[dict[str, str]] = {}  # target option -> what it means (the CLI's --compute-units, ...)
-    param_options: ClassVar[tuple[str, ...]] = ()  # options the CLI takes as --param NAME=VALUE
+    Options: ClassVar[type[TargetOptions]] = TargetOptions  # the target's settings (none by default)
     # write a policy step as its prefill and decode stages (tpc.passes.policy_stages) instead of one unrolled graph
     lowers_policies_per_stage: ClassVar[bool] = False
+    # what `--bundle` writes for this target (None: the target has no bundle): a phone benchmark bundle
+    bundle: ClassVar[str | None] = None
+
+    def __init__(self, *values: Any, **named: Any) -> None:
+        """The target with its options: one `self.Options` instance, or values (strings, as the CLI passes them)
+        by position in field order or by name, checked by `Options.parse` (one UsageError line if invalid)."""
+        if len(values) == 1 and not named and isinstance(values[0], TargetOptions):
+            if not isinstance(values[0], self.Options):
+                raise TypeError(f"target '{self.name}' takes {self.Options.__name__}, not {type(values[0]).__name__}")
+            self.options: TargetOptions = values[0]
+            return
+        names = [spec.name for spec in self.Options.specs()]
+        if len(values) > len(names):
+            raise TypeError(f"target '{self.name}' takes {len(names)} option(s), got {len(values)}")
+        self.options = self.Options.parse(self.name, {**dict(zip(names, values, strict=False)), **named})
+
+    def write_bundle(self, directory: Path, manifest: Manifest) -> None:
+        """Write `bundle` into the staged export `directory` (only targets that declare one)."""
+        raise NotImplementedError(f"target '{self.name}' has no bundle")
 
     def check_installed(self) -> None:
         require(f"target '{self.name}'", self.requires, self.extra)

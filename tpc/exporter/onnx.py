@@ -3,6 +3,8 @@
 The graph must have every shape fixed by the configuration: no symbolic dimension anywhere, no op whose
 output size depends on data (NonZero, Unique, ...), and every TopK's K a constant. `check_static_graph`
 enforces this on the written file, so a regression in any method's lowering fails the export, not a device.
+
+Passes (`OnnxTarget.passes`, run by `run_passes`): `lower_tpc_ops` (flat) -> `to_onnx` -> `static_shapes`.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tpc.exporter.base import Target, export_program
-from tpc.ops.lowering import lower_tpc_ops
+from tpc.exporter.base import ExportPart, LowerTpcOps, Target, export_program
+from tpc.exporter.graph_pass import CheckPass, GraphContractError, GraphPass, run_passes
 
 OPSET = 18
 DATA_DEPENDENT_OPS = frozenset({"NonZero", "Unique", "Compress", "Loop", "If", "Scan", "SequenceConstruct"})
 
 
-class StaticShapeError(RuntimeError):
+class StaticShapeError(GraphContractError):
     """The exported graph breaks the static-shape contract (a bug in a method's lowering, not user input)."""
 
 
@@ -77,10 +79,36 @@ def write_onnx(
             verbose=False,
             custom_translation_table=translations,
         )
+    assert onnx_program is not None  # the dynamo exporter always returns its ONNXProgram
     onnx_program.save(str(path))
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+class ToOnnx(GraphPass[Any]):
+    """ExportedProgram -> the ONNX model written at `path` (`write_onnx`), which onnx's full checker accepts."""
+
+    name = "to_onnx"
+
+    def __init__(self, part: ExportPart, path: Path, translations: dict | None = None) -> None:
+        self.part, self.path, self.translations = part, path, translations
+
+    def requires(self, program: Any) -> None:
+        if not isinstance(program, torch.export.ExportedProgram):
+            raise TypeError(f"expected a torch.export.ExportedProgram, got {type(program).__name__}")
+
+    def call(self, program: torch.export.ExportedProgram) -> Any:
+        return write_onnx(program, self.part.inputs, self.part.output_names, self.path, self.translations)
+
+
+class StaticShapes(CheckPass[Any]):
+    """Every shape of the ONNX model fixed by the configuration (`check_static_graph`, StaticShapeError)."""
+
+    name = "static_shapes"
+
+    def check(self, model: Any) -> None:
+        check_static_graph(model)
 
 
 def op_counts(model: Any) -> dict[str, int]:
@@ -94,11 +122,15 @@ class OnnxTarget(Target):
     requires = ("onnx", "onnxscript", "onnxruntime")
     runtime = "onnxruntime"
 
+    def passes(self, part: ExportPart, path: Path) -> list[GraphPass[Any]]:
+        """From the traced program to the checked ONNX file at `path`, in order."""
+        return [LowerTpcOps("flat"), ToOnnx(part, path), StaticShapes()]
+
     def export(
         self, module: nn.Module, inputs: dict[str, Tensor], output_names: tuple[str, ...], path: Path
     ) -> dict[str, Any]:
-        model = write_onnx(lower_tpc_ops(export_program(module, inputs)), inputs, output_names, path)
-        check_static_graph(model)
+        part = ExportPart(module, inputs, output_names)
+        model = run_passes(self.passes(part, path), export_program(module, inputs), self.name)
         return {
             "opset": OPSET,
             "op_counts": op_counts(model),

@@ -24,6 +24,13 @@ def get_method(name: str) -> Method:
     return REGISTRY[name]
 
 
+def register(method: Method) -> None:
+    """Add a method record (a research variant, a test-only schedule) to the registry every command reads."""
+    if method.name in REGISTRY:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    REGISTRY[method.name] = method
+
+
 def __getattr__(name: str) -> ModuleType:
     if name in _MODULES:
         return importlib.import_module(f"{__name__}.{name}")
@@ -44,6 +51,7 @@ __all__ = [
     "hiprune",
     "none",
     "random",
+    "register",
     "uniform",
     "vla_pruner",
 ]

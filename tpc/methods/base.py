@@ -16,26 +16,29 @@ import importlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec
 
 from tpc.errors import UsageError, unknown_name
+from tpc.methods.schedule import TokenSchedule, Transition
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-F = TypeVar("F", bound=Callable[..., "Tensor"])
+P = ParamSpec("P")
 
 
-def accepts_unbatched(batched_dims: int, tensor_args: int = 1) -> Callable[[F], F]:
+def accepts_unbatched(batched_dims: int, tensor_args: int = 1) -> Callable[[Callable[P, Tensor]], Callable[P, Tensor]]:
     """Let a functional API, specified on batched tensors, also take one image's tensors (or numpy arrays).
 
     The first `tensor_args` positional arguments are converted with `torch.as_tensor`; if the first one lacks
     its batch dimension, all of them get one, and the result is returned without it again.
     """
 
-    def decorate(function: F) -> F:
+    def decorate(function: Callable[P, Tensor]) -> Callable[P, Tensor]:
+        call: Callable[..., Tensor] = function  # called with the converted tensors in place of the first arguments
+
         @functools.wraps(function)
-        def wrapper(*args: Any, **kwargs: Any) -> Tensor:
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> Tensor:
             import torch
 
             tensors = [torch.as_tensor(a) for a in args[:tensor_args]]
@@ -47,10 +50,10 @@ def accepts_unbatched(batched_dims: int, tensor_args: int = 1) -> Callable[[F], 
                 )
             if unbatched:
                 tensors = [t.unsqueeze(0) for t in tensors]
-            result = function(*tensors, *args[tensor_args:], **kwargs)
+            result = call(*tensors, *args[tensor_args:], **kwargs)
             return result[0] if unbatched else result
 
-        return wrapper  # type: ignore[return-value]
+        return wrapper
 
     return decorate
 
@@ -129,7 +132,7 @@ class Param:
         above = self.high is not None and (value > self.high or (self.high_open and value == self.high))
         return f"expected a value{where}" if below or above else None
 
-    def parse(self, text: Any) -> Any:
+    def parse(self, text: object) -> Any:
         """A user's value (a string from the CLI; the Python API's values are passed as `str(value)`) -> typed,
         inside the domain, or one UsageError line naming the parameter, the value, the domain and the meaning."""
         text = str(text).strip()
@@ -182,53 +185,55 @@ class VisionMethod(_ResolvesParams):
     name: str
     summary: str
     reference: str
-    priority: Callable[[VisionSignals, int, dict], Tensor]
+    priority: Callable[[VisionSignals, int, dict[str, Any]], Tensor]
     params: tuple[Param, ...] = ()
-    tapped_layers: Callable[[dict], tuple[int, ...]] = field(default=lambda params: ())
+    tapped_layers: Callable[[dict[str, Any]], tuple[int, ...]] = field(default=lambda params: ())
     # defaults that depend on the model: (encoder depth, 1-based feature layer, and for a VLM its config's
     # `vision_feature_layer`, the hidden_states index (int or list) the layer came from) -> {param: value}
     model_defaults: Callable[..., dict[str, Any]] = field(default=lambda depth, feature_layer, feature_index=None: {})
     # raises ValueError when a budget and parameters cannot work together
-    check_budget: Callable[[int, dict], None] = field(default=lambda keep, params: None)
+    check_budget: Callable[[int, dict[str, Any]], None] = field(default=lambda keep, params: None)
     stage: str = "vision"
     prunes: bool = True
+    stateful: bool = False  # a vision-side method never carries state between calls
 
 
 @dataclass(frozen=True)
 class PrefillSignals:
-    """What an LLM-prefill method may read at its prune layer K (0-based decoder layer index)."""
+    """What a prune transition of a decoder schedule may read at its layer K (0-based), over the image tokens
+    present there (N_p of them, in original order)."""
 
-    scores: Tensor  # (B, N_img) attention to each image token at layer K-1, head mean, as the method's tap reduces it
-    image_embeds: Tensor  # (B, N_img, D) the LLM input embeddings of the image tokens (layer 0's input)
-    guide: Tensor | None = None  # (B, N_img) a stateful method's guide from earlier control steps
-
-
-LAST_ROW, ALL_ROWS = "last-row", "all-rows"  # the attention reductions a prefill method's score tap computes
+    scores: Tensor  # (B, N_p) attention to each present image token at layer K-1, head mean, reduced by the rows
+    image_embeds: Tensor  # (B, N_p, D) their LLM input embeddings (layer 0's input)
+    guide: Tensor | None = None  # (B, N_p) a stateful method's guide from earlier control steps
+    hidden: Tensor | None = None  # (B, N_p, D) their hidden states entering layer K
 
 
 @dataclass(frozen=True)
 class PrefillMethod(_ResolvesParams):
-    """A method that prunes inside the decoder's prefill: layers 0..K-1 see every token, layers K.. the kept ones.
+    """A method that prunes inside the decoder: its token schedule says at which layers, and how many tokens stay.
 
-    Kept tokens keep their original position ids, and the KV cache of layers K.. holds only them.
+    Kept tokens keep their original position ids, and each layer's KV cache holds only the tokens it saw.
     """
 
     name: str
     summary: str
     reference: str
-    priority: Callable[[PrefillSignals, int, dict], Tensor]
-    prune_layer: Callable[[dict], int]  # K
+    priority: Callable[[PrefillSignals, int, dict[str, Any]], Tensor]
+    # (params, keep, image tokens entering the decoder) -> the schedule's transitions (tpc.methods.schedule)
+    transitions: Callable[[dict[str, Any], int, int], tuple[Transition, ...]]
     params: tuple[Param, ...] = ()
     # defaults that depend on the model: decoder depth -> {param: value}
     model_defaults: Callable[[int], dict[str, Any]] = field(default=lambda depth: {})
-    # which reduction of layer K-1's attention the scores are: the last query row, or the mean over all rows
-    score_rows: Callable[[dict], str] = field(default=lambda params: LAST_ROW)
     # raises ValueError when a budget and parameters cannot work together
-    check_budget: Callable[[int, dict], None] = field(default=lambda keep, params: None)
+    check_budget: Callable[[int, dict[str, Any]], None] = field(default=lambda keep, params: None)
     stage: str = "llm-prefill"
     prunes: bool = True
     # carries state between control steps (a guide from earlier steps' attention): policies only
     stateful: bool = False
+
+    def schedule(self, params: dict[str, Any], keep: int, image_tokens: int) -> TokenSchedule:
+        return TokenSchedule(image_tokens, self.transitions(params, keep, image_tokens))
 
 
 Method = VisionMethod | PrefillMethod

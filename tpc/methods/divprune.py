@@ -15,6 +15,8 @@ The loop has K fixed iterations over fixed shapes, so it unrolls into a static g
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -76,7 +78,7 @@ def select(embeds: Tensor, keep: int) -> Tensor:
     return select_indices(priority(embeds, keep), keep)
 
 
-def _priority_from_signals(signals: VisionSignals, keep: int, params: dict) -> Tensor:
+def _priority_from_signals(signals: VisionSignals, keep: int, params: dict[str, Any]) -> Tensor:
     return priority(signals.features, keep)
 
 

@@ -15,6 +15,8 @@ feature layer; `default_deep_layer` (tpc.methods.registry) does the same, and `-
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -151,7 +153,7 @@ def qwen_select_reference(
 # --- the method as the pipeline uses it ------------------------------------------------------------------
 
 
-def _priority_from_signals(signals: VisionSignals, keep: int, params: dict) -> Tensor:
+def _priority_from_signals(signals: VisionSignals, keep: int, params: dict[str, Any]) -> Tensor:
     return priority(
         signals.received[params["object_layer"]],
         signals.received[params["deep_layer"]],

@@ -6,6 +6,8 @@ tokens are kept for every image, in eager PyTorch and in every runtime.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -23,7 +25,7 @@ def priority(num_tokens: int, seed: int = 0) -> Tensor:
     return torch.tensor(permutation.tolist(), dtype=torch.float32)
 
 
-def _priority_from_signals(signals: VisionSignals, keep: int, params: dict) -> Tensor:
+def _priority_from_signals(signals: VisionSignals, keep: int, params: dict[str, Any]) -> Tensor:
     batch, num_tokens, _ = signals.features.shape
     fixed = priority(num_tokens, params["seed"]).to(signals.features.device)
     return fixed.expand(batch, num_tokens)

@@ -9,9 +9,13 @@ and its tensor module need (HiPrune's anchor count and budget rule) are defined 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tpc.methods.base import ALL_ROWS, LAST_ROW, Deferred, Method, Param, PrefillMethod, VisionMethod
+from tpc.methods.base import Deferred, Method, Param, PrefillMethod, VisionMethod, VisionSignals
+from tpc.methods.schedule import ALL_ROWS, LAST_ROW, Prune
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # --- HiPrune (docs/methods.md#hiprune) ---------------------------------------------------------------------
 
@@ -116,7 +120,7 @@ UNIFORM = VisionMethod(
 )
 
 
-def _no_priority(signals: Any, keep: int, params: dict) -> Any:
+def _no_priority(signals: VisionSignals, keep: int, params: dict[str, Any]) -> Tensor:
     return signals.features.new_zeros(signals.features.shape[:2])
 
 
@@ -137,7 +141,7 @@ FASTV = PrefillMethod(
     reference="pkunlp-icler/FastV, ECCV 2024 (its authors evaluate without a KV cache, re-selecting the image "
     "tokens at every generated token; tpc selects once at prefill, as FastV's KV-cache variant does)",
     priority=lambda signals, keep, params: signals.scores,
-    prune_layer=lambda params: params["layer"],
+    transitions=lambda params, keep, image_tokens: (Prune(params["layer"], keep, LAST_ROW),),
     params=(Param("layer", int, 2, "decoder layer K (0-based) from which image tokens are pruned", "decoder"),),
 )
 
@@ -148,7 +152,7 @@ REFERENCE_HISTORY_LAYER = 15  # hard-coded in the reference's predict_action, fo
 MAX_WINDOW = 64  # each verified episode runs window + 5 steps; the reference uses 3
 
 
-def _check_vla_layers(keep: int, params: dict) -> None:
+def _check_vla_layers(keep: int, params: dict[str, Any]) -> None:
     if params["history_layer"] < params["layer"]:
         raise ValueError(
             f"history_layer {params['history_layer']} must not precede the prune layer {params['layer']} "
@@ -161,7 +165,9 @@ VLA_PRUNER = PrefillMethod(
     summary="semantic (layer K-1) + temporally smoothed action attention, union, max-min diversity; state per step",
     reference="MINT-SJTU VLA-Pruner (OpenVLA path), arXiv 2511.16449",
     priority=Deferred("tpc.methods.vla_pruner:_priority"),
-    prune_layer=lambda params: params["layer"],
+    transitions=lambda params, keep, image_tokens: (
+        Prune(params["layer"], keep, ALL_ROWS if params["criterion"] == "prefill" else LAST_ROW),
+    ),
     params=(
         Param("layer", int, 3, "decoder layer K (0-based) from which image tokens are pruned (fastv_k)", "decoder"),
         Param(
@@ -176,7 +182,6 @@ VLA_PRUNER = PrefillMethod(
         Param("guide_dtype", str, "bf16", "the guide's rounding before its top-K", choices=VLA_GUIDE_DTYPES),
     ),
     model_defaults=lambda depth: {"history_layer": min(REFERENCE_HISTORY_LAYER, depth - 1)},
-    score_rows=lambda params: ALL_ROWS if params["criterion"] == "prefill" else LAST_ROW,
     check_budget=_check_vla_layers,
     stateful=True,
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -21,7 +23,7 @@ def priority(num_tokens: int, keep: int) -> Tensor:
     return torch.zeros(num_tokens).index_fill(0, indices(num_tokens, keep), 1.0)
 
 
-def _priority_from_signals(signals: VisionSignals, keep: int, params: dict) -> Tensor:
+def _priority_from_signals(signals: VisionSignals, keep: int, params: dict[str, Any]) -> Tensor:
     batch, num_tokens, _ = signals.features.shape
     return priority(num_tokens, keep).to(signals.features.device).expand(batch, num_tokens)
 

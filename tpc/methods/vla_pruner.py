@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -108,6 +109,7 @@ def guide_from_history(history: Tensor, decay: float, order: str, dtype: torch.d
     window = history.shape[-2]
     weights = newest_first_weights(window, decay, order)
     guided = sum(weights[i] * history[..., window - 1 - i, :] for i in range(window))
+    assert isinstance(guided, Tensor)  # window >= 1 vectors: a tensor, never sum()'s start 0
     total = pairwise_sum(guided).unsqueeze(-1) if order == "oldest-heaviest" else weights.sum()
     return (guided / total).to(dtype)
 
@@ -203,7 +205,7 @@ def action_importance(
 GUIDE_DTYPES = dict(zip(VLA_GUIDE_DTYPES, (torch.bfloat16, torch.float32), strict=True))
 
 
-def _priority(signals: PrefillSignals, keep: int, params: dict) -> Tensor:
+def _priority(signals: PrefillSignals, keep: int, params: dict[str, Any]) -> Tensor:
     return priority(signals.scores, signals.guide, signals.image_embeds, keep)
 
 

@@ -10,12 +10,28 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from tpc.models_zoo.kinds import accepts_method
+from tpc.models_zoo.validate import safe_from_pretrained
+
+
+class _EncoderStack(Protocol):
+    @property
+    def layers(self) -> nn.ModuleList: ...
+
+
+class VisionTransformer(Protocol):
+    """What the shared adapter code reads of a ViT-style model (`CLIPVisionModel`, `SiglipVisionModel`): the
+    encoder's layer list."""
+
+    @property
+    def encoder(self) -> _EncoderStack: ...
+
+
+EncoderModelT = TypeVar("EncoderModelT", bound=VisionTransformer)
 
 
 @dataclass(frozen=True)
@@ -51,8 +67,8 @@ class VisionGeometry:
         return 2 * tokens * (4 * d * d + 2 * d * i) + 2 * 2 * tokens * tokens * d
 
 
-class VisionEncoderAdapter(ABC):
-    """One ViT-style encoder family (CLIP, SigLIP, ...)."""
+class VisionEncoderAdapter(ABC, Generic[EncoderModelT]):
+    """One ViT-style encoder family (CLIP, SigLIP, ...), of the transformers model class `EncoderModelT`."""
 
     family: ClassVar[str]
     kind: ClassVar[str] = "encoder"
@@ -60,15 +76,9 @@ class VisionEncoderAdapter(ABC):
     model_class: ClassVar[type[PreTrainedModel]]
     prefix_tokens: ClassVar[int]
 
-    def accepts(self, method: Any) -> bool:
-        """Vision-side methods: an encoder has no decoder to prune in (`tpc.models_zoo.kinds.accepts_method`)."""
-        return accepts_method(self.kind, method)
-
     def load(self, path: Path) -> PreTrainedModel:
         """The real `from_pretrained` path, from a local directory, fused attention everywhere; safetensors only,
         no remote code, a bad or mismatched checkpoint one UsageError line (tpc.models_zoo.validate)."""
-        from tpc.models_zoo.validate import safe_from_pretrained
-
         return safe_from_pretrained(self.model_class, path, attn_implementation="sdpa").eval()
 
     def vision_config(self, config: PretrainedConfig) -> PretrainedConfig:
@@ -89,14 +99,14 @@ class VisionEncoderAdapter(ABC):
         )
 
     @abstractmethod
-    def embed(self, model: PreTrainedModel, pixel_values: Tensor) -> Tensor:
+    def embed(self, model: EncoderModelT, pixel_values: Tensor) -> Tensor:
         """pixel values -> the token sequence entering layer 1 (prefix tokens first)."""
 
-    def layers(self, model: PreTrainedModel) -> nn.ModuleList:
+    def layers(self, model: EncoderModelT) -> nn.ModuleList:
         return model.encoder.layers
 
     def attention(self, layer: nn.Module) -> nn.Module:
-        return layer.self_attn
+        return layer.get_submodule("self_attn")
 
     def run_layer(self, layer: nn.Module, hidden: Tensor) -> Tensor:
         return layer(hidden, None)

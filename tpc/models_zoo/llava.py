@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 from torch import Tensor, nn
 from transformers import LlavaForConditionalGeneration, PretrainedConfig, PreTrainedModel
 
 from tpc.errors import UsageError
 from tpc.models_zoo.base import VisionEncoderAdapter, VisionGeometry
-from tpc.models_zoo.kinds import accepts_method
+from tpc.models_zoo.validate import safe_from_pretrained
 
 # LLaVA-1.5's conversation: BOS + a 34-token system prompt + "USER: " precede the image (the reference
 # hard-codes SYS_TOKEN_LEN = 35); "\n{question} ASSISTANT:" follows it. Used when a model has no tokenizer.
@@ -63,25 +63,45 @@ def decoder_geometry(text: PretrainedConfig) -> DecoderGeometry:
     )
 
 
-class DecoderParts:
-    """Where a Llama-family decoder's parts are, given where the family keeps the decoder (`language_model`)."""
+class DecoderStack(Protocol):
+    """What tpc reads of a Llama-family decoder stack (transformers' `LlamaModel` and the models shaped like it)."""
 
-    def language_model(self, model: PreTrainedModel) -> nn.Module:
+    @property
+    def layers(self) -> nn.ModuleList: ...
+
+    @property
+    def embed_tokens(self) -> nn.Module: ...
+
+    @property
+    def rotary_emb(self) -> nn.Module: ...
+
+    @property
+    def norm(self) -> nn.Module: ...
+
+
+DecoderModelT = TypeVar("DecoderModelT", bound=PreTrainedModel)
+
+
+class DecoderParts(Generic[DecoderModelT]):
+    """Where a Llama-family decoder's parts are in a `DecoderModelT`, given where the family keeps the decoder
+    (`language_model`)."""
+
+    def language_model(self, model: DecoderModelT) -> DecoderStack:
         raise NotImplementedError
 
-    def lm_head(self, model: PreTrainedModel) -> nn.Module:
+    def lm_head(self, model: DecoderModelT) -> nn.Module:
         raise NotImplementedError
 
-    def decoder_layers(self, model: PreTrainedModel) -> nn.ModuleList:
+    def decoder_layers(self, model: DecoderModelT) -> nn.ModuleList:
         return self.language_model(model).layers
 
-    def embed_text(self, model: PreTrainedModel, input_ids: Tensor) -> Tensor:
+    def embed_text(self, model: DecoderModelT, input_ids: Tensor) -> Tensor:
         return self.language_model(model).embed_tokens(input_ids)
 
-    def rotary(self, model: PreTrainedModel, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    def rotary(self, model: DecoderModelT, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         return self.language_model(model).rotary_emb(hidden, position_ids)
 
-    def final_norm(self, model: PreTrainedModel, hidden: Tensor) -> Tensor:
+    def final_norm(self, model: DecoderModelT, hidden: Tensor) -> Tensor:
         return self.language_model(model).norm(hidden)
 
 
@@ -100,7 +120,7 @@ class PromptLayout:
         return self.text_len + self.image_tokens
 
 
-class LlavaAdapter(DecoderParts):
+class LlavaAdapter(DecoderParts[LlavaForConditionalGeneration]):
     """One VLM family. Not a VisionEncoderAdapter: it owns one (the tower's) and adds the decoder side."""
 
     family: ClassVar[str] = "llava"
@@ -119,15 +139,8 @@ class LlavaAdapter(DecoderParts):
             )
         return self.towers[model_type]
 
-    def accepts(self, method: Any) -> bool:
-        """Vision-side methods, and prefill methods that need no state from earlier control steps
-        (`tpc.models_zoo.kinds.accepts_method`)."""
-        return accepts_method(self.kind, method)
-
     def load(self, path: Path) -> PreTrainedModel:
         """`from_pretrained` as for an encoder: safetensors only, no remote code, failures one UsageError line."""
-        from tpc.models_zoo.validate import safe_from_pretrained
-
         return safe_from_pretrained(self.model_class, path, attn_implementation="sdpa").eval()
 
     def geometry(self, config: PretrainedConfig) -> VisionGeometry:
@@ -168,16 +181,16 @@ class LlavaAdapter(DecoderParts):
         return [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
     # where the parts are in a loaded model
-    def vision_tower(self, model: PreTrainedModel) -> PreTrainedModel:
+    def vision_tower(self, model: LlavaForConditionalGeneration) -> PreTrainedModel:
         return model.model.vision_tower
 
-    def projector(self, model: PreTrainedModel) -> nn.Module:
+    def projector(self, model: LlavaForConditionalGeneration) -> nn.Module:
         return model.model.multi_modal_projector
 
-    def language_model(self, model: PreTrainedModel) -> nn.Module:
+    def language_model(self, model: LlavaForConditionalGeneration) -> DecoderStack:
         return model.model.language_model
 
-    def lm_head(self, model: PreTrainedModel) -> nn.Module:
+    def lm_head(self, model: LlavaForConditionalGeneration) -> nn.Module:
         return model.lm_head
 
     def default_layout(self, config: PretrainedConfig, path: Path | None, prompt_len: int | None) -> PromptLayout:
@@ -189,8 +202,8 @@ class LlavaAdapter(DecoderParts):
             if prompt_len < 2:
                 raise UsageError(f"--prompt-len {prompt_len} is too short: at least 2 text tokens around the image")
             text_len, image_start = prompt_len, min(image_start, prompt_len - 1)
-        fits = template is not None and len(template) - 1 == text_len
-        return PromptLayout(text_len, image_start, self.image_tokens(config), tuple(template) if fits else None)
+        fitting = tuple(template) if template is not None and len(template) - 1 == text_len else None
+        return PromptLayout(text_len, image_start, self.image_tokens(config), fitting)
 
 
 DEFAULT_QUESTION = "What is shown in this image?"
@@ -208,9 +221,10 @@ def chat_template_ids(path: Path, image_token_id: int) -> list[int] | None:
         return None
     if getattr(tokenizer, "chat_template", None) is None:
         return None
-    messages: list[dict[str, Any]] = [
+    messages: list[dict[str, str | list[dict[str, str]]]] = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DEFAULT_QUESTION}]}
     ]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # transformers annotates a message's content as str only; a multimodal message's content is a list of parts
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # type: ignore[arg-type]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids if ids.count(image_token_id) == 1 else None

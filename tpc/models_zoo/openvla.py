@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -41,8 +41,8 @@ from transformers.utils import logging
 
 from tpc.errors import UsageError
 from tpc.models_zoo.base import VisionGeometry
-from tpc.models_zoo.kinds import accepts_method
-from tpc.models_zoo.llava import DecoderGeometry, DecoderParts, PromptLayout, decoder_geometry
+from tpc.models_zoo.llava import DecoderGeometry, DecoderParts, DecoderStack, PromptLayout, decoder_geometry
+from tpc.models_zoo.validate import LoadingInfo, check_loading_info, check_weights, loading
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class OpenVlaConfig(PretrainedConfig):
         arch_specifier: str = "no-align+fused-gelu-mlp",
         use_fused_vision_backbone: bool = True,
         image_resize_strategy: str = "resize-naive",
-        text_config: dict[str, Any] | None = None,
+        text_config: dict[str, Any] | PretrainedConfig | None = None,
         llm_max_length: int = 2048,
         pad_token_id: int = 32000,
         pad_to_multiple_of: int = 64,
@@ -118,7 +118,8 @@ class OpenVlaConfig(PretrainedConfig):
         text = text_config.to_dict() if isinstance(text_config, PretrainedConfig) else dict(text_config or {})
         text.pop("model_type", None)
         self.text_config = LlamaConfig(**text)
-        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        # PreTrainedConfig takes any keyword (strict(accept_kwargs=True)); its dataclass signature lists its fields only
+        super().__init__(pad_token_id=pad_token_id, **kwargs)  # type: ignore[call-arg]
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
@@ -149,8 +150,20 @@ def tower_specs(config: OpenVlaConfig) -> list[TowerSpec]:
     return specs
 
 
-def _tower_config(spec: TowerSpec, image_size: int) -> PretrainedConfig:
-    common = {
+class _ViTFields(TypedDict):
+    """The fields both towers' transformers configs take alike (timm's ViT settings)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    patch_size: int
+    image_size: int
+    layer_norm_eps: float
+    hidden_act: str
+
+
+def _tower_config(spec: TowerSpec, image_size: int) -> Dinov2WithRegistersConfig | SiglipVisionConfig:
+    common: _ViTFields = {
         "hidden_size": spec.hidden_size,
         "num_hidden_layers": spec.num_layers,
         "num_attention_heads": spec.num_heads,
@@ -174,6 +187,7 @@ class FusedVisionBackbone(nn.Module):
         super().__init__()
         self.specs = tower_specs(config)
         dino, siglip = (_tower_config(s, size) for s, size in zip(self.specs, config.image_sizes, strict=True))
+        assert isinstance(dino, Dinov2WithRegistersConfig) and isinstance(siglip, SiglipVisionConfig)  # tower_specs
         dino._attn_implementation = siglip._attn_implementation = "sdpa"
         self.featurizer = Dinov2Model(dino)
         self.fused_featurizer = SiglipVisionModel(siglip)
@@ -214,6 +228,7 @@ class FusedProjector(nn.Module):
 class OpenVlaForActionPrediction(PreTrainedModel):
     """The policy as transformers modules, with the release's module names at the top level."""
 
+    config: OpenVlaConfig
     config_class = OpenVlaConfig
     base_model_prefix = "openvla"
     _supports_sdpa = True
@@ -249,9 +264,12 @@ class OpenVlaForActionPrediction(PreTrainedModel):
     def generate_action_tokens(self, pixel_values: Tensor, input_ids: Tensor, action_dim: int) -> Tensor:
         """The release's `predict_action` up to the token ids: transformers' greedy `generate`, `action_dim` tokens."""
         embeds = self.multimodal_embeddings(pixel_values, input_ids)
-        return self.language_model.generate(
+        # transformers' GenerativePreTrainedModel protocol (generate's self type) does not match its own models
+        tokens = self.language_model.generate(  # type: ignore[misc]
             inputs_embeds=embeds, max_new_tokens=action_dim, min_new_tokens=action_dim, do_sample=False
         )
+        assert isinstance(tokens, Tensor)  # return_dict_in_generate is off: the token ids
+        return tokens
 
     @classmethod
     def from_release(cls, path: Path) -> OpenVlaForActionPrediction:
@@ -264,19 +282,21 @@ class OpenVlaForActionPrediction(PreTrainedModel):
         logging.set_verbosity_error()  # the load report; incomplete checkpoints are an error below
         logging.disable_progress_bar()
         try:
-            model, info = cls.from_pretrained(
-                None, config=config, state_dict=state, output_loading_info=True, ignore_mismatched_sizes=True
+            # with output_loading_info, from_pretrained returns (model, report); transformers annotates only the model
+            model, info = cast(
+                "tuple[OpenVlaForActionPrediction, LoadingInfo]",
+                cls.from_pretrained(
+                    None, config=config, state_dict=state, output_loading_info=True, ignore_mismatched_sizes=True
+                ),
             )
         finally:
             logging.set_verbosity(verbosity)
             logging.enable_progress_bar()
-        from tpc.models_zoo.validate import check_loading_info
-
         check_loading_info({"mismatched_keys": info["mismatched_keys"]}, path)
         missing = info["missing_keys"]
         if missing or info["unexpected_keys"]:
             raise UsageError(
-                f"'{path}' does not hold a complete OpenVLA checkpoint: missing {missing[:3]}, "
+                f"'{path}' does not hold a complete OpenVLA checkpoint: missing {sorted(missing)[:3]}, "
                 f"unexpected {sorted(info['unexpected_keys'])[:3]}"
             )
         return model.eval()
@@ -436,7 +456,7 @@ class PolicyGeometry:
         return total
 
 
-class OpenVlaAdapter(DecoderParts):
+class OpenVlaAdapter(DecoderParts[OpenVlaForActionPrediction]):
     """The OpenVLA family: a policy, one control step = towers, projector, prefill and the action decode."""
 
     family: ClassVar[str] = "openvla"
@@ -444,16 +464,9 @@ class OpenVlaAdapter(DecoderParts):
     model_types: ClassVar[tuple[str, ...]] = ("openvla",)
     model_class: ClassVar[type[PreTrainedModel]] = OpenVlaForActionPrediction
 
-    def accepts(self, method: Any) -> bool:
-        """Prefill methods (VLA-Pruner, FastV) and the unpruned baseline: the towers are not pruned
-        (`tpc.models_zoo.kinds.accepts_method`)."""
-        return accepts_method(self.kind, method)
-
     def load(self, path: Path) -> OpenVlaForActionPrediction:
         """The release layout through tpc's own implementation (the directory's code is never run), from
         safetensors only; headers and shapes are checked first, and any failure is one UsageError line."""
-        from tpc.models_zoo.validate import check_weights, loading
-
         with loading(path):
             config = OpenVlaConfig.from_pretrained(str(path), local_files_only=True)
             with torch.device("meta"):
@@ -480,9 +493,11 @@ class OpenVlaAdapter(DecoderParts):
             action_vocab_size=config.text_config.vocab_size - config.pad_to_multiple_of,
         )
 
-    def geometry(self, config: OpenVlaConfig) -> VisionGeometry:
+    def geometry(self, config: PretrainedConfig) -> VisionGeometry:
         """The image the policy takes (6 channels: both towers' normalisations) and its patch grid. The layer
-        fields describe the DINOv2 tower; `policy()` has both towers."""
+        fields describe the DINOv2 tower; `policy()` has both towers. `config`: an OpenVLA source's (every family's
+        adapter takes the config its source holds)."""
+        assert isinstance(config, OpenVlaConfig)  # resolve() and the zoo make an openvla source's config one
         policy, dino = self.policy(config), tower_specs(config)[0]
         return VisionGeometry(
             image_size=policy.image_size,
@@ -506,7 +521,7 @@ class OpenVlaAdapter(DecoderParts):
         return PromptLayout(text, 1, self.policy(config).image_tokens)
 
     # where the parts are in a loaded model
-    def language_model(self, model: OpenVlaForActionPrediction) -> nn.Module:
+    def language_model(self, model: OpenVlaForActionPrediction) -> DecoderStack:
         return model.language_model.model
 
     def lm_head(self, model: OpenVlaForActionPrediction) -> nn.Module:

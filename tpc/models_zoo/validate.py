@@ -23,9 +23,14 @@ from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
 
 from tpc.errors import UsageError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+ModelT = TypeVar("ModelT", bound="PreTrainedModel")
 
 CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
@@ -60,6 +65,14 @@ LIMITS = {
     "num_patches": 1 << 16,
 }
 NESTED = {"llava": ("vision_config", "text_config"), "clip": ("vision_config",), "siglip": ("vision_config",)}
+
+
+class LoadingInfo(TypedDict, total=False):
+    """The report of `from_pretrained(..., output_loading_info=True)`, the parts tpc reads."""
+
+    missing_keys: Collection[str]
+    unexpected_keys: Collection[str]
+    mismatched_keys: Collection[tuple[str, tuple[int, ...], tuple[int, ...]]]  # (name, checkpoint's, model's)
 
 
 # --- the directory ----------------------------------------------------------------------------------------------
@@ -109,7 +122,7 @@ def read_config_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _code_modules(auto_map: Any) -> list[str]:
+def _code_modules(auto_map: object) -> list[str]:
     """The Python modules an auto_map names ('repo--module.Class' and [slow, fast] tokenizer pairs included)."""
     values = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
     names: list[str] = []
@@ -122,7 +135,7 @@ def _code_modules(auto_map: Any) -> list[str]:
     return names
 
 
-def check_remote_code(config_file: Path, data: Mapping[str, Any], model_type: str) -> None:
+def check_remote_code(config_file: Path, data: Mapping[str, object], model_type: str) -> None:
     """Refuse a config that asks for the model directory's own code (`auto_map`); tpc never runs it."""
     if "auto_map" not in data:
         return
@@ -196,7 +209,7 @@ def check_model_dir(path: Path, supported: Collection[str] = ()) -> str:
 # --- config.json, as transformers parsed it ---------------------------------------------------------------------
 
 
-def load_config(path: Path, family: str | None = None) -> Any:
+def load_config(path: Path, family: str | None = None) -> PretrainedConfig:
     """AutoConfig.from_pretrained, local only and without remote code. When transformers rejects the file, the
     fields tpc reads are checked on the raw JSON first (naming the field), else its error becomes the line."""
     from transformers import AutoConfig
@@ -231,7 +244,7 @@ class _Raw:
 class _Fields:
     """Typed reads of one (possibly nested) config, with errors naming the file and the field."""
 
-    def __init__(self, config: Any, where: str, config_file: str) -> None:
+    def __init__(self, config: object, where: str, config_file: str) -> None:
         self.config, self.where, self.file = config, where, config_file
         self.lenient = isinstance(config, _Raw)
 
@@ -252,7 +265,7 @@ class _Fields:
         return value
 
 
-def _check_vision(config: Any, where: str, config_file: str) -> None:
+def _check_vision(config: object, where: str, config_file: str) -> None:
     """A ViT-style encoder's geometry (what `VisionEncoderAdapter.geometry` reads)."""
     fields = _Fields(config, where, config_file)
     image, patch = fields.int("image_size"), fields.int("patch_size")
@@ -270,7 +283,7 @@ def _check_vision(config: Any, where: str, config_file: str) -> None:
         raise fields.fail("hidden_size", f"{hidden} is not divisible by num_attention_heads {heads}")
 
 
-def _check_decoder(config: Any, where: str, config_file: str) -> None:
+def _check_decoder(config: object, where: str, config_file: str) -> None:
     """A Llama-family decoder's geometry (what `decoder_geometry` reads)."""
     fields = _Fields(config, where, config_file)
     for name in ("vocab_size", "num_hidden_layers", "intermediate_size"):
@@ -285,7 +298,7 @@ def _check_decoder(config: Any, where: str, config_file: str) -> None:
         raise fields.fail("hidden_size", f"{hidden} is not divisible by num_attention_heads {heads}")
 
 
-def _check_llava(config: Any, config_file: str) -> None:
+def _check_llava(config: PretrainedConfig | _Raw, config_file: str) -> None:
     fields = _Fields(config, "", config_file)
     vision, text = config.vision_config, config.text_config
     if vision is not None:
@@ -316,7 +329,7 @@ def _check_llava(config: Any, config_file: str) -> None:
 TOWER_FIELDS = ("family", "hidden_size", "num_layers", "num_heads", "intermediate_size", "patch_size", "registers")
 
 
-def _check_openvla(config: Any, config_file: str) -> None:
+def _check_openvla(config: PretrainedConfig | _Raw, config_file: str) -> None:
     fields = _Fields(config, "", config_file)
     if config.text_config is not None:
         _check_decoder(config.text_config, "text_config.", config_file)
@@ -350,13 +363,15 @@ def _check_openvla(config: Any, config_file: str) -> None:
         hidden, heads = tower.int("hidden_size"), tower.int("num_heads")
         tower.int("num_layers", minimum=2)  # features come from the second-to-last block
         tower.int("intermediate_size")
+        # a tower's fields are read strictly (not lenient, not optional): each is an int here, or an error above
+        assert image is not None and patch is not None and hidden is not None and heads is not None
         if image % patch:
             raise tower.fail("patch_size", f"{patch} does not divide the image size {size}")
         if hidden % heads:
             raise tower.fail("hidden_size", f"{hidden} is not divisible by num_heads {heads}")
 
 
-def check_config(config: Any, family: str, path: Path) -> None:
+def check_config(config: PretrainedConfig | _Raw, family: str, path: Path) -> None:
     """Validate the config fields tpc reads for `family` (clip, siglip, llava, openvla): types, positivity,
     divisibility, bounds, LLaVA's feature layers, OpenVLA's towers. One line naming config.json and the field."""
     config_file = str(path / CONFIG)
@@ -505,7 +520,7 @@ def check_weights(
     return tensors
 
 
-def expected_shapes(model_class: Any, config: Any) -> dict[str, tuple[int, ...]]:
+def expected_shapes(model_class: type[PreTrainedModel], config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
     """The state-dict shapes of `model_class(config)`, built on the meta device (no memory, no initialisation).
     A full CLIP/SigLIP config stands for its vision tower, as `from_pretrained` reads it."""
     import torch
@@ -548,7 +563,7 @@ def loading(path: Path) -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-def check_loading_info(info: Mapping[str, Any], path: Path) -> None:
+def check_loading_info(info: LoadingInfo, path: Path) -> None:
     """`from_pretrained(..., output_loading_info=True, ignore_mismatched_sizes=True)`'s report: refuse tensors of
     the wrong shape and tensors the checkpoint lacks (transformers would initialise them at random)."""
     mismatched = sorted(info.get("mismatched_keys") or (), key=lambda item: item[0])
@@ -567,20 +582,26 @@ def check_loading_info(info: Mapping[str, Any], path: Path) -> None:
         )
 
 
-def safe_from_pretrained(model_class: Any, path: Path, **kwargs: Any) -> Any:
+def safe_from_pretrained(model_class: type[ModelT], path: Path, **kwargs: Any) -> ModelT:
     """`model_class.from_pretrained(path)` the only way tpc loads a directory: safetensors only, no remote code,
-    nothing downloaded, header shapes checked first, and any failure or incomplete load one UsageError line."""
+    nothing downloaded, header shapes checked first, and any failure or incomplete load one UsageError line.
+    `kwargs` go to `from_pretrained` as they are."""
     with loading(path):
+        assert model_class.config_class is not None  # every transformers model class names its config class
         config = model_class.config_class.from_pretrained(str(path), local_files_only=True)
         check_weights(path, expected_shapes(model_class, config))
-        model, info = model_class.from_pretrained(
-            str(path),
-            use_safetensors=True,
-            trust_remote_code=False,
-            local_files_only=True,
-            ignore_mismatched_sizes=True,  # reported below, by name, instead of transformers' table
-            output_loading_info=True,
-            **kwargs,
+        # with output_loading_info, from_pretrained returns (model, report); transformers annotates only the model
+        model, info = cast(
+            "tuple[ModelT, LoadingInfo]",
+            model_class.from_pretrained(
+                str(path),
+                use_safetensors=True,
+                trust_remote_code=False,
+                local_files_only=True,
+                ignore_mismatched_sizes=True,  # reported below, by name, instead of transformers' table
+                output_loading_info=True,
+                **kwargs,
+            ),
         )
     check_loading_info(info, path)
     return model

@@ -17,6 +17,7 @@ makes), and the config classes are imported when a config is made.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -24,12 +25,17 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack
 
 if TYPE_CHECKING:
-    from transformers import LlavaConfig, PretrainedConfig
+    from transformers import CLIPVisionConfig, LlavaConfig, PretrainedConfig, SiglipVisionConfig
 
+    from tpc.models_zoo import Adapter
     from tpc.models_zoo.openvla import OpenVlaConfig
+
+
+OPENVLA_MODULE = "tpc.models_zoo.openvla"  # where the OpenVLA config class lives (it imports torch)
+VisionConfigName = Literal["CLIPVisionConfig", "SiglipVisionConfig"]  # the config classes of the tiny encoders
 
 
 @dataclass(frozen=True)
@@ -46,14 +52,16 @@ class ZooEntry:
     seed: int = 0
 
 
-def _transformers_config(name: str) -> type[PretrainedConfig]:
+def _transformers_config(name: VisionConfigName) -> type[CLIPVisionConfig] | type[SiglipVisionConfig]:
     import transformers
 
     return getattr(transformers, name)
 
 
-def _tiny(config_class: str) -> Callable[[], PretrainedConfig]:
-    return lambda: _transformers_config(config_class)(
+def _tiny(config_class: VisionConfigName) -> Callable[[], PretrainedConfig]:
+    # SiglipVisionConfig has no initializer_factor field: PreTrainedConfig keeps any extra keyword as an attribute
+    # (strict(accept_kwargs=True)), which its dataclass signature does not say
+    return lambda: _transformers_config(config_class)(  # type: ignore[call-arg]
         image_size=64,
         patch_size=4,  # 16 x 16 = 256 patches
         hidden_size=64,
@@ -81,7 +89,7 @@ def _tiny_llava() -> LlavaConfig:
     return LlavaConfig(
         vision_config=_tiny("CLIPVisionConfig")().to_dict(),
         text_config=text.to_dict(),
-        image_token_id=500,
+        image_token_index=500,  # config.image_token_id (LlavaConfig.attribute_map)
         image_seq_length=256,
     )
 
@@ -111,10 +119,10 @@ def _llava_bench() -> LlavaConfig:
         max_position_embeddings=4096,
         initializer_range=0.05,
     )
-    return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=32000)
+    return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=32000)
 
 
-def _action_stats(dims: int = 7) -> dict:
+def _action_stats(dims: int = 7) -> dict[str, Any]:
     """Per-dataset action statistics in the release's `norm_stats` form (the gripper dimension is not normalised)."""
     low = [-0.03, -0.04, -0.03, -0.1, -0.1, -0.2, 0.0][:dims]
     high = [0.03, 0.04, 0.04, 0.1, 0.1, 0.2, 1.0][:dims]
@@ -136,7 +144,7 @@ def _action_stats(dims: int = 7) -> dict:
     }
 
 
-def _fused_towers(width: int, depths: tuple[int, int], heads: int, inner: int) -> list[dict]:
+def _fused_towers(width: int, depths: tuple[int, int], heads: int, inner: int) -> list[dict[str, int | str]]:
     """A DINOv2 (4 registers) + SigLIP pair at 224 px / 14 (16x16 patches), both of one width."""
     common = {"hidden_size": width, "num_heads": heads, "intermediate_size": inner, "patch_size": 14}
     return [
@@ -145,14 +153,25 @@ def _fused_towers(width: int, depths: tuple[int, int], heads: int, inner: int) -
     ]
 
 
-def _openvla(towers: list[dict], pad_id: int, **text: int | float) -> OpenVlaConfig:
+class _DecoderShape(TypedDict):
+    """A zoo policy's Llama decoder, as `LlamaConfig` fields."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    initializer_range: float
+
+
+def _openvla(towers: list[dict[str, int | str]], pad_id: int, **text: Unpack[_DecoderShape]) -> OpenVlaConfig:
     """A policy config: the towers, a Llama decoder whose vocabulary ends with 64 padding ids after `pad_id`."""
     from transformers import LlamaConfig
 
-    from tpc.models_zoo.openvla import OpenVlaConfig
-
     llama = LlamaConfig(vocab_size=pad_id + 64, max_position_embeddings=2048, pad_token_id=pad_id, **text)
-    return OpenVlaConfig(
+    # the family's module imports torch
+    config_class: type[OpenVlaConfig] = importlib.import_module(OPENVLA_MODULE).OpenVlaConfig
+    return config_class(
         text_config=llama.to_dict(), norm_stats=_action_stats(), pad_token_id=pad_id, tower_specs=towers
     )
 
@@ -258,7 +277,7 @@ def _fingerprint(entry: ZooEntry) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def materialize(entry: ZooEntry, adapter: Any) -> Path:
+def materialize(entry: ZooEntry, adapter: Adapter) -> Path:
     """Directory holding the entry's config.json + model.safetensors (saved by `adapter`, the entry's family
     adapter); built once, then reused."""
     import torch

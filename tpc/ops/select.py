@@ -16,8 +16,14 @@ TopK on the (unique) indices: `torch.sort` exports, but ExecuTorch's runtime has
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch._ops import OperatorBase
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FLOAT32_MIN = float(torch.finfo(torch.float32).min)
@@ -156,7 +162,8 @@ def select_tokens_float32_decomposition(scores: Tensor, tokens: Tensor, k: int) 
     return indices, gather_tokens(tokens, indices)
 
 
-LOWERINGS = {
+SelectLowering = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]  # the op in ATen terms
+LOWERINGS: dict[str, SelectLowering] = {
     "flat": select_tokens_decomposition,  # ONNX Runtime
     "gather": select_tokens_gather_decomposition,  # ExecuTorch
     "float32": select_tokens_float32_decomposition,  # TensorRT
@@ -168,7 +175,7 @@ def select_indices(scores: Tensor, k: int) -> Tensor:
     return select_tokens(scores, scores.unsqueeze(-1), k)[0]
 
 
-def decompositions(lowering: str = "flat") -> dict:
+def decompositions(lowering: str = "flat") -> dict[OperatorBase, SelectLowering]:
     """Decomposition table that `ExportedProgram.run_decompositions` takes to lower tpc's ops to ATen; `lowering`
     names one of `LOWERINGS` (`flat` for ONNX, `gather` for ExecuTorch, `float32` for TensorRT)."""
     return {torch.ops.tpc.select_tokens.default: LOWERINGS[lowering]}

@@ -11,6 +11,7 @@ exists. Every untapped layer keeps the fused SDPA kernel.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,12 @@ class ReceivedAttention:
         self.block_elements = block_elements
         self.causal = causal
         self.value: Tensor | None = None
+
+    def latest(self) -> Tensor:
+        """The last prompt forward's reduction (the layer ran before anyone reads it)."""
+        if self.value is None:
+            raise RuntimeError("the tapped layer has not run yet")
+        return self.value
 
     def rows_per_block(self, batch: int, heads: int, queries: int, keys: int) -> int:
         return max(1, min(queries, self.block_elements // max(1, batch * heads * keys)))
@@ -87,6 +94,12 @@ class LastRowAttention:
         self.value: Tensor | None = None
         self.rows: list[Tensor] = []
 
+    def latest(self) -> Tensor:
+        """The last prompt forward's row (the layer ran before anyone reads it)."""
+        if self.value is None:
+            raise RuntimeError("the tapped layer has not run yet")
+        return self.value
+
     def __call__(
         self,
         module: nn.Module,
@@ -126,23 +139,33 @@ def _tap_or_sdpa(
 ) -> tuple[Tensor, Tensor | None]:
     tap: Tap | None = getattr(module, "tpc_tap", None)
     if tap is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+        return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     return tap(module, query, key, value, attention_mask, scaling if scaling is not None else query.shape[-1] ** -0.5)
 
 
 AttentionInterface.register(TAP_IMPLEMENTATION, _tap_or_sdpa)
+# transformers' SDPA function, called with the keyword arguments transformers itself passed to the dispatcher
+_sdpa: Callable[..., tuple[Tensor, Tensor | None]] = sdpa_attention_forward
 
 
-def insert_taps(attention_modules: Mapping[int, nn.Module], make_tap: Callable[[], Tap]) -> dict[int, Tap]:
+T = TypeVar("T", bound=ReceivedAttention | LastRowAttention)
+
+
+def insert_taps(attention_modules: Mapping[int, Any], make_tap: Callable[[], T]) -> dict[int, T]:
+    # attention_modules: each family's attention class (LlamaAttention, CLIPAttention, ...), with its `config`
     """Attach a tap to each given attention module (keyed by layer) and route the model through `tpc_tap`.
 
     The attention config is shared by every layer of the stack, so untapped layers go through the same
     dispatcher and land on SDPA.
     """
-    taps = {}
+    taps: dict[int, T] = {}
     for layer, attention in attention_modules.items():
-        attention.config._attn_implementation = TAP_IMPLEMENTATION
-        attention.tpc_tap = taps[layer] = make_tap()
+        taps[layer] = attach_tap(attention, make_tap())
     return taps
+
+
+def attach_tap(attention: Any, tap: T) -> T:
+    """Route one attention module (and, through its shared config, its stack) through `tpc_tap`, tapped by `tap`."""
+    attention.config._attn_implementation = TAP_IMPLEMENTATION
+    attention.tpc_tap = tap
+    return tap

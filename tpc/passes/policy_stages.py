@@ -12,7 +12,7 @@ like a VLM's.
     decode:  input_ids (B, 1) + step (1,) + past.* -> token (B, 1), present.*, [action_attention (B, K)]
 
 `action_attention` is the history layer's last attention row over the cached image tokens (slots 1..K), the
-row the one-graph step records for VLA-Pruner's action importance. The static cache is `tpc.passes.vlm_components`'s
+row the one-graph step records for VLA-Pruner's action importance. The static cache is `tpc.passes.decoder`'s
 (one zero slot per decode step); decode step s writes slot `len_i + s` of layer i at position `prompt + s`, which
 is where the one-graph step's growing cache puts it. `tpc.runtimes.staged` drives the two and returns the
 step's outputs.
@@ -25,11 +25,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tpc.contract.names import ACTION_ATTENTION, DECODE, HISTORY_INPUT, KEPT_INDICES, PREFILL, TOKEN, cache_names
+from tpc.contract.names import (
+    ACTION_ATTENTION,
+    DECODE,
+    HISTORY_INPUT,
+    INPUT_IDS,
+    KEPT_INDICES,
+    PREFILL,
+    STEP_INPUT,
+    TOKEN,
+    cache_names,
+)
 from tpc.exporter.base import ExportPart
+from tpc.passes.decoder import padded_cache
 from tpc.passes.policy_step import PolicyStep
-from tpc.passes.vlm_components import CacheLayout, DecodeComponent, padded_cache
-from tpc.runtimes.staged import as_past
 
 
 class StepPrefill(nn.Module):
@@ -53,7 +62,8 @@ class StepPrefill(nn.Module):
         hidden, cache, kept = step.prefill(
             named["pixel_values"], named["input_ids"], named.get(HISTORY_INPUT), named.get(KEPT_INDICES)
         )
-        outputs = (step.logits(hidden).argmax(dim=-1, keepdim=True), *padded_cache(cache, step.layout.action_dim - 1))
+        logits = step.decoder.logits(hidden)
+        outputs = (logits.argmax(dim=-1, keepdim=True), *padded_cache(cache, step.layout.decode_steps))
         if kept is not None:
             outputs += (kept,)
         if step.history_tap is not None:
@@ -61,31 +71,24 @@ class StepPrefill(nn.Module):
         return outputs
 
 
-class StepDecode(DecodeComponent):
+class StepDecode(nn.Module):
     """One greedy decode step of the policy on the static cache; see the module docstring for its interface."""
 
     def __init__(self, step: PolicyStep) -> None:
-        layout = step.layout
-        cache = CacheLayout(
-            image_start=1,
-            image_tokens=step.keep,
-            prefill_tokens=layout.prompt_length,
-            kept_lengths=step.cache_lengths,
-            decode_steps=layout.action_dim - 1,
-            next_position=layout.prompt_length,  # original positions: the prefill saw the whole prompt
-        )
-        super().__init__(step.model, step.adapter, cache)
+        super().__init__()
+        self.decoder = step.decoder  # the step's own layout: original positions, the prefill saw every token
         self.history_tap = step.history_tap
         self.image_slots = step.keep  # every image token when the step does not prune
-        self.output_names = (TOKEN, *self.output_names[1:])
+        self.input_names = (INPUT_IDS, STEP_INPUT, *cache_names("past", step.num_layers))
+        self.output_names: tuple[str, ...] = (TOKEN, *cache_names("present", step.num_layers))
         if self.history_tap is not None:
             self.output_names += (ACTION_ATTENTION,)
 
     def forward(self, input_ids: Tensor, step: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
         if self.history_tap is not None:
             self.history_tap.rows = []
-        logits, *present = super().forward(input_ids, step, *past)
-        outputs = (logits.argmax(dim=-1, keepdim=True), *present)
+        hidden, present = self.decoder.decode_static(input_ids, step, past)
+        outputs = (self.decoder.logits(hidden).argmax(dim=-1, keepdim=True), *present)
         if self.history_tap is not None:
             outputs += (self.history_tap.rows[0][:, 1 : 1 + self.image_slots],)
         return outputs
@@ -102,9 +105,8 @@ class StagePart:
 def prefill_stage(step: PolicyStep, inputs: dict[str, Tensor], kept_indices: Tensor | None = None) -> StagePart:
     """The step's prefill as a part to export, with its eager outputs. `kept_indices`: teacher-force it with them
     (an extra input)."""
-    forced = kept_indices is not None
-    prefill = StepPrefill(step, teacher_forced=forced).eval()
-    prefill_inputs = {**inputs, KEPT_INDICES: kept_indices} if forced else dict(inputs)
+    prefill = StepPrefill(step, teacher_forced=kept_indices is not None).eval()
+    prefill_inputs = dict(inputs) if kept_indices is None else {**inputs, KEPT_INDICES: kept_indices}
     return StagePart(ExportPart(prefill, prefill_inputs, prefill.output_names), _run(prefill, prefill_inputs))
 
 
@@ -113,10 +115,12 @@ def policy_stages(step: PolicyStep, inputs: dict[str, Tensor]) -> dict[str, Stag
     and cache."""
     prefill = prefill_stage(step, inputs)
     decode = StepDecode(step).eval()
-    decode_inputs = {
-        "input_ids": prefill.expected[TOKEN],
-        "step": torch.zeros(1, dtype=torch.int64),
-        **as_past(prefill.expected),
+    past_names, present_names = cache_names("past", step.num_layers), cache_names("present", step.num_layers)
+    past = {past: prefill.expected[present] for past, present in zip(past_names, present_names, strict=True)}
+    decode_inputs: dict[str, Tensor] = {
+        INPUT_IDS: prefill.expected[TOKEN],
+        STEP_INPUT: torch.zeros(1, dtype=torch.int64),
+        **past,
     }
     return {
         PREFILL: prefill,
@@ -124,7 +128,7 @@ def policy_stages(step: PolicyStep, inputs: dict[str, Tensor]) -> dict[str, Stag
     }
 
 
-def _run(module: nn.Module, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+def _run(module: StepPrefill | StepDecode, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
     with torch.no_grad():
         outputs = module(*inputs.values())
     return dict(zip(module.output_names, outputs, strict=True))

@@ -91,7 +91,7 @@ class PrunedVisionEncoder(nn.Module):
         if not cut.method.prunes:
             all_tokens = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[:2])
             return tokens, all_tokens
-        received = {layer: tap.value[:, prefix:] for layer, tap in self.taps.items()}
+        received = {layer: tap.latest()[:, prefix:] for layer, tap in self.taps.items()}
         patches = tokens[:, cut.kept_prefix :]
         features = patches if self.signal_embedding is None else self.signal_embedding(patches)
         signals = VisionSignals(received=received, features=features, grid=cut.geometry.grid)

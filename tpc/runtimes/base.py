@@ -12,8 +12,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from tpc.contract.manifest import ComponentSpec, Manifest, inside
 from tpc.contract.names import KEPT_INDICES, Session
 from tpc.errors import UsageError, require
+from tpc.runtimes.staged import StagedStep
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class Entry:
 
 
 ONLY_GRAPH = Entry()
+TensorIO = dict[str, tuple[list[Any], str]]  # name -> (shape, numpy dtype name), as tpc.json records I/O
 
 
 class Runtime(ABC):
@@ -56,6 +59,15 @@ class Runtime(ABC):
     def versions(cls) -> dict[str, str]:
         return {}
 
+    @classmethod
+    def artifact_io(
+        cls, path: Path, method: str | None, want_inputs: TensorIO, want_outputs: TensorIO
+    ) -> tuple[TensorIO, TensorIO] | None:
+        """The artifact's own declaration of its (or `method`'s) inputs and outputs, name -> (shape, numpy dtype),
+        read without running it, for `tpc verify` to compare with tpc.json. `want_*`: what tpc.json says, for
+        formats that lack names (ExecuTorch: positions) or types (Core ML: no int64). None: nothing to read."""
+        return None
+
 
 # target (tpc.json `target`) -> the runtime that runs its artifacts; tpc.exporter's targets say the same
 # (`Target.runtime`, tested), but importing them would import torch, which a runtime never needs
@@ -79,29 +91,38 @@ def runtime_named(name: str) -> type[Runtime]:
     return getattr(importlib.import_module(module), cls)
 
 
-def runtime_class(target: str) -> type[Runtime]:
-    """The runtime that runs `target`'s artifacts, checked installed (one line naming the extra otherwise)."""
-    if target not in TARGET_RUNTIMES:
-        raise UsageError(f"tpc.json names the target '{target}', which this tpc cannot run; re-export it")
-    runtime = runtime_named(TARGET_RUNTIMES[target])
+def runtime_of(manifest: Manifest) -> type[Runtime]:
+    """The runtime an export records (one written before it was recorded: its target's), checked installed (one
+    line naming the extra otherwise)."""
+    name = manifest.runtime or TARGET_RUNTIMES.get(manifest.target)
+    if manifest.runtime and manifest.target in TARGET_RUNTIMES and TARGET_RUNTIMES[manifest.target] != name:
+        raise UsageError(
+            f"tpc.json records the runtime '{name}' for a {manifest.target} export, whose artifacts run in "
+            f"{TARGET_RUNTIMES[manifest.target]}; the manifest was edited (re-export it)"
+        )
+    if name not in RUNTIME_CLASSES:
+        what = f"the runtime '{manifest.runtime}'" if manifest.runtime else f"the target '{manifest.target}'"
+        raise UsageError(f"tpc.json names {what}, which this tpc cannot run; re-export it")
+    runtime = runtime_named(name)
     runtime.check_installed()
     return runtime
 
 
-def load_export(directory: str | Path, section: str | None) -> tuple[Any, dict[str, Callable]]:
+RunComponent = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # a component's `run`: inputs -> outputs
+
+
+def load_export(directory: str | Path, section: str | None) -> tuple[Manifest, dict[str, RunComponent]]:
     """An export's manifest and each component's `run`, in its target's runtime. `section`: the manifest section
     the kind of export has (`generation` for a VLM, `policy` for a policy, None for an encoder); an export of
     another kind is one line naming the class that loads it."""
     directory = Path(directory)
-    from tpc.contract.manifest import Manifest
-
     manifest = Manifest.read(directory)
     have = next((name for name in KINDS if getattr(manifest, name, None) is not None), None)
     if have != section:
         what = KINDS[section][0] if section else ENCODER[0]
         kind, loader = KINDS[have] if have else ENCODER
         raise UsageError(f"'{directory}' is {kind} export, not {what}: load it with {loader}.load")
-    runtime = runtime_class(manifest.target)
+    runtime = runtime_of(manifest)
     return manifest, {c.name: open_component(runtime, directory, c).run for c in manifest.components}
 
 
@@ -133,18 +154,16 @@ def invalid_artifact(path: str | Path, what: str, error: BaseException | str) ->
     return UsageError(f"'{path}' is not a valid {what} ({reason}); re-export it")
 
 
-def open_component(runtime: type[Runtime], directory: Path, spec: Any, teacher_forced: bool = False) -> Session:
+def open_component(
+    runtime: type[Runtime], directory: Path, spec: ComponentSpec, teacher_forced: bool = False
+) -> Session:
     """Load one component of an export (`spec`: its manifest ComponentSpec) in `runtime`.
 
     `teacher_forced`: a session that takes `kept_indices` as an input, by cutting the artifact's graph where
     the runtime can, else from the teacher-forced artifact the export wrote beside it. A staged component (a
     policy step lowered as prefill + decode) opens both stages behind one step-shaped session.
     """
-    from tpc.contract.manifest import inside
-
     if spec.stages:
-        from tpc.runtimes.staged import StagedStep
-
         prefill, decode = spec.stages
         prefill_session = open_component(runtime, directory, prefill, teacher_forced)
         return StagedStep(prefill_session, open_component(runtime, directory, decode), spec)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from tpc.errors import RuntimeUnavailable, UsageError, unknown_name
-from tpc.runtimes.base import ONLY_GRAPH, Entry, Runtime, artifact_path, invalid_artifact
+from tpc.runtimes.base import ONLY_GRAPH, Entry, Runtime, TensorIO, artifact_path, invalid_artifact
 
 # Option value -> coremltools.ComputeUnit member name.
 COMPUTE_UNITS: dict[str, str] = {
@@ -149,6 +149,35 @@ class CoreMLRuntime(Runtime):
             value = np.asarray(outputs[coreml])
             result[name] = value.astype(self.output_dtypes.get(name, value.dtype), copy=False)
         return result
+
+    @classmethod
+    def artifact_io(
+        cls, path: Path, method: str | None, want_inputs: TensorIO, want_outputs: TensorIO
+    ) -> tuple[TensorIO, TensorIO]:
+        """The package's model description; Core ML has no int64 (int32 stands for it where tpc.json says int64)
+        and the runtime returns each output in the eager dtype recorded in the model's metadata."""
+        import coremltools as ct
+
+        description = ct.utils.load_spec(str(path)).description
+        user = dict(description.metadata.userDefined)
+        names = json.loads(user.get(NAMES_KEY, "{}"))
+        output_dtypes = json.loads(user.get(OUTPUT_DTYPES_KEY, "{}"))
+
+        def described(features: Any, want: TensorIO, dtypes: dict[str, str]) -> TensorIO:
+            io = {}
+            for feature in features:
+                name = names.get(feature.name, feature.name)
+                array = feature.type.multiArrayType
+                dtype = dtypes.get(name) or ARRAY_DTYPES.get(array.dataType, str(array.dataType))
+                if dtype == "int32" and want.get(name, ([], ""))[1] == "int64":
+                    dtype = "int64"  # the runtime casts int64 <-> int32
+                io[name] = ([int(d) for d in array.shape], dtype)
+            return io
+
+        return (
+            described(description.input, want_inputs, {}),
+            described(description.output, want_outputs, output_dtypes),
+        )
 
     @classmethod
     def versions(cls) -> dict[str, str]:

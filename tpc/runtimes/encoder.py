@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tpc.runtimes.base import load_export
 from tpc.runtimes.inputs import check_floats, resolve_strict
+
+if TYPE_CHECKING:
+    from tpc.contract.manifest import ComponentSpec
 
 PIXELS = "pixel_values"
 RunGraph = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -27,7 +30,7 @@ RunGraph = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 class Encoder:
     """`run`: the graph's callable (inputs by name -> outputs by name). `spec`: its manifest ComponentSpec."""
 
-    def __init__(self, run: RunGraph, spec: Any, strict: bool = False) -> None:
+    def __init__(self, run: RunGraph, spec: ComponentSpec, strict: bool = False) -> None:
         self._run = run
         self.spec = spec
         self.pixels = next(s for s in spec.inputs if s.name == PIXELS)

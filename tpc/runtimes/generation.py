@@ -12,29 +12,32 @@ token id). Loaded from an export (`VLM.load`), the shapes, dtypes and the vocabu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tpc.contract.protocols import GenerationProtocol
 from tpc.errors import UsageError
+from tpc.runtimes.base import RunComponent, load_export
 from tpc.runtimes.inputs import check_floats, check_ids, resolve_strict
 
-RunComponent = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+if TYPE_CHECKING:
+    from tpc.contract.manifest import ComponentSpec, Manifest
 
 
-def prefill_ids(generation: dict[str, Any], input_ids: np.ndarray) -> np.ndarray:
+def prefill_ids(generation: GenerationProtocol, input_ids: np.ndarray) -> np.ndarray:
     """The prompt as the prefill graph takes it: the image run shortened to the image embeddings it receives.
 
     Raises UsageError unless the prompt has the export's static layout.
     """
-    prompt = generation["prompt"]
-    start, count, image_id = prompt["image_start"], prompt["image_tokens"], generation["image_token_id"]
-    if input_ids.ndim != 2 or input_ids.shape[1] != prompt["length"]:
+    prompt = generation.prompt
+    start, count, image_id = prompt.image_start, prompt.image_tokens, generation.image_token_id
+    if input_ids.ndim != 2 or input_ids.shape[1] != prompt.length:
         raise UsageError(
-            f"input_ids has shape {list(input_ids.shape)}; this export takes (batch, {prompt['length']}): "
-            f"{prompt['text_tokens']} text tokens and {count} image tokens (re-export with --prompt-len to change it)"
+            f"input_ids has shape {list(input_ids.shape)}; this export takes (batch, {prompt.length}): "
+            f"{prompt.text_tokens} text tokens and {count} image tokens (re-export with --prompt-len to change it)"
         )
     is_image = input_ids == image_id
     if not is_image[:, start : start + count].all() or is_image.sum(axis=1).max() != count:
@@ -42,15 +45,15 @@ def prefill_ids(generation: dict[str, Any], input_ids: np.ndarray) -> np.ndarray
             f"input_ids must hold exactly one run of {count} image tokens (id {image_id}) at positions "
             f"{start}..{start + count - 1}, as the export's static prompt layout says"
         )
-    kept = generation["prefill"]["image_tokens"]
+    kept = generation.prefill.image_tokens
     return np.concatenate([input_ids[:, : start + kept], input_ids[:, start + count :]], axis=1)
 
 
-def vocab_size(generation: dict[str, Any], components: Sequence[Any]) -> tuple[int | None, str]:
+def vocab_size(generation: GenerationProtocol, components: Sequence[ComponentSpec]) -> tuple[int | None, str]:
     """The decoder's vocabulary size and where it came from: `generation.vocab_size` when tpc.json has it, else
     the last axis of the prefill graph's `logits` output (one score per token of the vocabulary)."""
-    if generation.get("vocab_size"):
-        return int(generation["vocab_size"]), "tpc.json generation.vocab_size"
+    if generation.vocab_size:
+        return int(generation.vocab_size), "tpc.json generation.vocab_size"
     for component in components:
         for output in component.outputs if component.name == "prefill" else ():
             if output.name == "logits":
@@ -67,7 +70,7 @@ class GenerationLoop:
     def __init__(
         self,
         components: Mapping[str, RunComponent],
-        generation: dict[str, Any],
+        generation: GenerationProtocol,
         pixel_spec: tuple[Sequence[int], str] | None = None,
         vocab: tuple[int | None, str] = (None, ""),
         strict: bool = False,
@@ -80,8 +83,8 @@ class GenerationLoop:
 
     def check_inputs(self, pixel_values: Any, input_ids: Any, strict: bool | None = None) -> tuple[np.ndarray, ...]:
         """(pixel_values, input_ids) as the graphs take them, or one UsageError line naming the expected layout."""
-        prompt, image_id = self.generation["prompt"], self.generation["image_token_id"]
-        start, count = prompt["image_start"], prompt["image_tokens"]
+        prompt, image_id = self.generation.prompt, self.generation.image_token_id
+        start, count = prompt.image_start, prompt.image_tokens
         shape, dtype = self.pixel_spec if self.pixel_spec else ((None, None, None, None), None)
         pixels = check_floats(
             pixel_values,
@@ -93,11 +96,11 @@ class GenerationLoop:
             stacklevel=3,
         )
         layout = (
-            f"batch, {prompt['length']} = {prompt['text_tokens']} text + {count} image tokens (id {image_id}) at "
+            f"batch, {prompt.length} = {prompt.text_tokens} text + {count} image tokens (id {image_id}) at "
             f"positions {start}..{start + count - 1}; re-export with --prompt-len to change the text length"
         )
         size, source = self.vocab
-        ids = check_ids(input_ids, "input_ids", (pixels.shape[0], prompt["length"]), layout, size, source, (image_id,))
+        ids = check_ids(input_ids, "input_ids", (pixels.shape[0], prompt.length), layout, size, source, (image_id,))
         return pixels, ids
 
     def generate(
@@ -115,14 +118,14 @@ class GenerationLoop:
         ended are padded with their EOS, as `generate` pads them. `strict`: NaN/inf pixels raise instead of warning
         (default: the loop's `strict`).
         """
-        limit = self.generation["max_new_tokens"]
+        limit = self.generation.max_new_tokens
         steps = limit if max_new_tokens is None else max_new_tokens
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= limit:
             raise UsageError(
                 f"max_new_tokens {steps!r} is not an integer in 1..{limit}, the cache size this export was built for"
             )
         pixel_values, input_ids = self.check_inputs(pixel_values, input_ids, strict)
-        eos = np.asarray(self.generation["eos_token_ids"] if stop_at_eos else [], dtype=np.int64)
+        eos = np.asarray(self.generation.eos_token_ids if stop_at_eos else [], dtype=np.int64)
         image_embeds = self.components["vision"]({"pixel_values": pixel_values})["image_embeds"]
         ids = prefill_ids(self.generation, input_ids)
         out = self.components["prefill"]({"input_ids": ids, "image_embeds": image_embeds})
@@ -149,18 +152,18 @@ class GenerationLoop:
 class VLM(GenerationLoop):
     """An exported VLM, loaded in the runtime of its target: `VLM.load(DIR).generate(pixel_values, input_ids)`."""
 
-    def __init__(self, components: Mapping[str, RunComponent], manifest: Any, strict: bool = False) -> None:
+    def __init__(self, components: Mapping[str, RunComponent], manifest: Manifest, strict: bool = False) -> None:
+        generation = manifest.generation
+        assert generation is not None, "a VLM export's manifest has its generation section (load_export checks it)"
         vision = next(c for c in manifest.components if c.name == "vision")
         pixels = next(s for s in vision.inputs if s.name == "pixel_values")
-        vocab = vocab_size(manifest.generation, manifest.components)
-        super().__init__(components, manifest.generation, (pixels.shape, pixels.dtype), vocab, strict)
+        vocab = vocab_size(generation, manifest.components)
+        super().__init__(components, generation, (pixels.shape, pixels.dtype), vocab, strict)
         self.manifest = manifest
 
     @classmethod
     def load(cls, directory: str | Path, strict: bool = False) -> VLM:
         """Open the export's vision, prefill and decode graphs in its target's runtime. `strict`: NaN/inf pixel
         values raise a UsageError instead of a `NonFiniteInputWarning`."""
-        from tpc.runtimes.base import load_export
-
         manifest, runs = load_export(directory, "generation")
         return cls(runs, manifest, strict)

@@ -8,16 +8,21 @@ computation downstream of the selection runs on the indices we feed it (the eage
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tpc.errors import UsageError
-from tpc.runtimes.base import ONLY_GRAPH, Entry, Runtime, artifact_path, invalid_artifact
+from tpc.runtimes.base import ONLY_GRAPH, Entry, Runtime, TensorIO, artifact_path, invalid_artifact
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime
 
 ONNX_MODEL = "ONNX model"
 
 
-def _producer_tensor(graph: object, name: str) -> str:
+def _producer_tensor(graph: onnx.GraphProto, name: str) -> str:
     """The tensor actually consumed downstream: follow Identity nodes back from a graph output."""
     producers = {out: node for node in graph.node for out in node.output}
     while name in producers and producers[name].op_type == "Identity":
@@ -25,7 +30,7 @@ def _producer_tensor(graph: object, name: str) -> str:
     return name
 
 
-def read_onnx(artifact: str | Path) -> object:
+def read_onnx(artifact: str | Path) -> onnx.ModelProto:
     """The ModelProto of an ONNX file (external data loaded); a missing, empty or unparsable file, or one without
     a graph, is one UsageError line."""
     import onnx
@@ -40,7 +45,7 @@ def read_onnx(artifact: str | Path) -> object:
     return model
 
 
-def force_tensors(model: object, outputs: tuple[str, ...]) -> tuple[object, dict[str, str]]:
+def force_tensors(model: onnx.ModelProto, outputs: tuple[str, ...]) -> tuple[onnx.ModelProto, dict[str, str]]:
     """Copy of `model` in which each named output is a graph input; returns it and {output: input name}."""
     import onnx
 
@@ -68,7 +73,7 @@ class OnnxRuntime(Runtime):
     requires = ("onnxruntime",)
     extra = "onnx"
 
-    def __init__(self, session: object, feeds: dict[str, str]) -> None:
+    def __init__(self, session: onnxruntime.InferenceSession, feeds: dict[str, str]) -> None:
         self.session = session
         self.feeds = feeds  # forced output name -> graph input name
         self.output_names = [o.name for o in session.get_outputs()]
@@ -102,3 +107,31 @@ class OnnxRuntime(Runtime):
         import onnxruntime as ort
 
         return {"onnxruntime": ort.__version__}
+
+    @classmethod
+    def artifact_io(
+        cls, path: Path, method: str | None, want_inputs: TensorIO, want_outputs: TensorIO
+    ) -> tuple[TensorIO, TensorIO]:
+        """The graph's declared inputs (less those with an initializer) and outputs: names, shapes, dtypes."""
+        return onnx_io(path)
+
+
+def onnx_io(path: Path) -> tuple[TensorIO, TensorIO]:
+    """An ONNX file's declared I/O (also the TensorRT runtime's artifact, which is ONNX)."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {init.name for init in model.graph.initializer}
+
+    def described(values: Any, skip: set[str]) -> TensorIO:
+        io = {}
+        for value in values:
+            if value.name in skip:  # an input with an initializer is a constant (older ONNX IR), not an input
+                continue
+            tensor = value.type.tensor_type
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
+            io[value.name] = (shape, str(np.dtype(tensor_dtype_to_np_dtype(tensor.elem_type))))
+        return io
+
+    return described(model.graph.input, initializers), described(model.graph.output, set())

@@ -19,7 +19,7 @@ its padding, which a tokenizer never produces).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,16 +27,15 @@ from typing import Any
 import numpy as np
 
 from tpc.contract.names import KEPT_INDICES, PRUNED, STEP, WARMUP
+from tpc.contract.protocols import HistorySpec, PolicyProtocol
 from tpc.errors import UsageError
-from tpc.runtimes.base import load_export
+from tpc.runtimes.base import RunComponent, load_export
 from tpc.runtimes.inputs import check_floats, check_ids, describe, resolve_strict, shape_text, to_numpy
 
-RunComponent = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
-
-def preprocess(image: Any, policy: dict[str, Any]) -> np.ndarray:
+def preprocess(image: Any, policy: PolicyProtocol) -> np.ndarray:
     """(H, W, 3) uint8 RGB at the policy's resolution -> (1, 6, H, W) float32: each tower's normalisation."""
-    size = policy["image"]["size"]
+    size = policy.image.size
     image = to_numpy(image, "image")
     if image.dtype != np.uint8 or image.shape != (size, size, 3):
         raise UsageError(
@@ -46,45 +45,47 @@ def preprocess(image: Any, policy: dict[str, Any]) -> np.ndarray:
         )
     scaled = image.astype(np.float32).transpose(2, 0, 1) / 255.0
     planes = []
-    for stats in policy["image"]["normalization"]:
-        mean = np.asarray(stats["mean"], dtype=np.float32)[:, None, None]
-        std = np.asarray(stats["std"], dtype=np.float32)[:, None, None]
+    for stats in policy.image.normalization:
+        mean = np.asarray(stats.mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(stats.std, dtype=np.float32)[:, None, None]
         planes.append((scaled - mean) / std)
     return np.concatenate(planes, axis=0)[None].astype(np.float32)
 
 
-def pixel_shape(policy: dict[str, Any]) -> tuple[int, int, int, int]:
+def pixel_shape(policy: PolicyProtocol) -> tuple[int, int, int, int]:
     """The step graphs' `pixel_values` shape: (1, 3 per tower, size, size)."""
-    size = policy["image"]["size"]
-    return (1, 3 * len(policy["image"]["normalization"]), size, size)
+    size = policy.image.size
+    return (1, 3 * len(policy.image.normalization), size, size)
 
 
-def vocab_size(policy: dict[str, Any]) -> tuple[int, str]:
+def vocab_size(policy: PolicyProtocol) -> tuple[int, str]:
     """The highest prompt id + 1 and where it comes from: `policy.vocab_size` when tpc.json has it, else
     `action_vocab_size`, the vocabulary without its padding rows (every id a tokenizer produces lies below it)."""
-    if policy.get("vocab_size"):
-        return int(policy["vocab_size"]), "tpc.json policy.vocab_size"
-    return int(policy["action_vocab_size"]), "tpc.json policy.action_vocab_size"
+    if policy.vocab_size:
+        return int(policy.vocab_size), "tpc.json policy.vocab_size"
+    return int(policy.action_vocab_size), "tpc.json policy.action_vocab_size"
 
 
-def actions_from_tokens(tokens: np.ndarray, policy: dict[str, Any]) -> np.ndarray:
+def actions_from_tokens(tokens: np.ndarray, policy: PolicyProtocol) -> np.ndarray:
     """(action_dim,) token ids -> (action_dim,) un-normalised actions (the release's `predict_action` tail)."""
-    bins = np.linspace(-1, 1, policy["n_action_bins"])
+    bins = np.linspace(-1, 1, policy.n_action_bins)
     centers = (bins[:-1] + bins[1:]) / 2.0
-    discretized = np.clip(policy["action_vocab_size"] - np.asarray(tokens) - 1, 0, centers.shape[0] - 1)
+    discretized = np.clip(policy.action_vocab_size - np.asarray(tokens) - 1, 0, centers.shape[0] - 1)
     normalized = centers[discretized]
-    stats = policy["action_stats"]
+    stats = policy.action_stats
+    if stats is None:
+        raise UsageError("tpc.json policy.action_stats is null: actions cannot be un-normalised (re-export it)")
     mask = np.asarray(stats.get("mask", np.ones(len(stats["q01"]), dtype=bool)), dtype=bool)
     high, low = np.asarray(stats["q99"]), np.asarray(stats["q01"])
     return np.where(mask, 0.5 * (normalized + 1) * (high - low) + low, normalized)
 
 
-def prompt_ids(instruction: Any, policy: dict[str, Any]) -> np.ndarray:
+def prompt_ids(instruction: Any, policy: PolicyProtocol) -> np.ndarray:
     """Token ids of the prompt (BOS first), (T,) or (1, T) -> (1, T) int64, checked against the export's static
     length and the vocabulary."""
-    prompt = policy["prompt"]
-    text, total, image = prompt["text_tokens"], prompt["length"], prompt["image_tokens"]
-    template = prompt["template"].replace("\n", "\\n")  # one line
+    prompt = policy.prompt
+    text, total, image = prompt.text_tokens, prompt.length, prompt.image_tokens
+    template = prompt.template.replace("\n", "\\n")  # one line
     ids = to_numpy(instruction, "the prompt")
     if ids.ndim == 1:
         ids = ids[None]
@@ -124,7 +125,7 @@ class Policy:
     """An exported policy and its state. `components`: graph name -> callable (a runtime session's `run`, or the
     eager module's, which is how verification compares the two with the same loop)."""
 
-    def __init__(self, components: Mapping[str, RunComponent], policy: dict[str, Any], strict: bool = False) -> None:
+    def __init__(self, components: Mapping[str, RunComponent], policy: PolicyProtocol, strict: bool = False) -> None:
         self.components = components
         self.policy = policy
         self.stateful = WARMUP in components
@@ -136,15 +137,24 @@ class Policy:
         """Open the export's step graphs in its target's runtime. `strict`: NaN/inf pixel values raise a
         UsageError instead of a `NonFiniteInputWarning`."""
         manifest, runs = load_export(directory, "policy")
+        assert manifest.policy is not None, "a policy export's manifest has its policy section (load_export checks it)"
         return cls(runs, manifest.policy, strict)
 
     @property
+    def history_spec(self) -> HistorySpec | None:
+        """The carried history's layout (a stateful export), or None."""
+        state = self.policy.state
+        return state.history if self.stateful and state is not None else None
+
+    @property
     def window(self) -> int:
-        return self.policy["state"]["history"]["shape"][0] if self.stateful else 0
+        history = self.history_spec
+        return history.shape[0] if history is not None else 0
 
     def reset(self) -> None:
         """Episode start: forget the history (the next `window` steps are warm-up steps)."""
-        shape = self.policy["state"]["history"]["shape"] if self.stateful else (0,)
+        history = self.history_spec
+        shape = history.shape if history is not None else (0,)
         self.history = np.zeros(shape, dtype=np.float32)
         self.history_len = 0
 
@@ -173,7 +183,7 @@ class Policy:
             inputs["history"] = self.history
         out = self.components[graph](inputs)
         tokens = out["action_tokens"][0]
-        kept = out[KEPT_INDICES][0] if KEPT_INDICES in out else np.arange(self.policy["prompt"]["image_tokens"])
+        kept = out[KEPT_INDICES][0] if KEPT_INDICES in out else np.arange(self.policy.prompt.image_tokens)
         if self.stateful:
             self.history = out["history_next"].astype(np.float32)
             self.history_len = min(self.history_len + 1, self.window)

@@ -9,11 +9,14 @@ rows, scattered onto the image grid at the kept indices (zeros elsewhere); the h
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tpc.contract.names import ACTION_ATTENTION, KEPT_INDICES, TOKEN, Session
+
+if TYPE_CHECKING:
+    from tpc.contract.manifest import ComponentSpec
 
 STAGES_PROTOCOL = (
     "each graph G is two methods: G_prefill(G's inputs) -> token, present.*, [kept_indices], [action_attention]; "
@@ -28,7 +31,7 @@ class StagedStep:
     """Runs a staged component's `prefill` once and its `decode` `action_dim - 1` times (`spec`: the component's
     manifest ComponentSpec, whose inputs and outputs are the step's)."""
 
-    def __init__(self, prefill: Session, decode: Session, spec: Any) -> None:
+    def __init__(self, prefill: Session, decode: Session, spec: ComponentSpec) -> None:
         self.prefill, self.decode = prefill, decode
         outputs = {s.name: s for s in spec.outputs}
         self.output_names = [s.name for s in spec.outputs]
@@ -57,11 +60,12 @@ class StagedStep:
     def _importance(self, per_token: np.ndarray, kept: np.ndarray | None) -> np.ndarray:
         if kept is None:
             return per_token
+        assert self.image_tokens is not None, "a step that keeps indices outputs action_importance over every token"
         importance = np.zeros((per_token.shape[0], self.image_tokens), dtype=per_token.dtype)
         np.put_along_axis(importance, kept, per_token, axis=1)
         return importance
 
 
-def as_past(outputs: dict[str, Any]) -> dict[str, Any]:
+def as_past(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A stage's `present.*` outputs as the next decode call's `past.*` inputs."""
     return {f"past.{name[len('present.') :]}": value for name, value in outputs.items() if name.startswith("present.")}

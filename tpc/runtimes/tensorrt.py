@@ -17,10 +17,14 @@ from typing import Any
 import numpy as np
 
 from tpc.errors import RuntimeUnavailable, UsageError
-from tpc.runtimes.base import ONLY_GRAPH, Entry, Runtime
-from tpc.runtimes.onnxruntime import force_tensors, read_onnx
+from tpc.runtimes.base import ONLY_GRAPH, Entry, Runtime, TensorIO
+from tpc.runtimes.onnxruntime import force_tensors, onnx_io, read_onnx
 
-PLUGIN_LIBRARY = Path("plugin") / "build" / "libtpc_trt_plugin.so"  # where build_engine.sh builds it
+# The TokenSelect plugin library, as the export's build_engine.sh builds it from the sources the TensorRT target
+# copies into PLUGIN_DIR (tpc.exporter.tensorrt reads these names from here: the runtime never imports the exporter)
+PLUGIN_DIR = "plugin"
+PLUGIN_LIBRARY_NAME = "libtpc_trt_plugin.so"  # plugins_cuda/CMakeLists.txt's target tpc_trt_plugin
+PLUGIN_LIBRARY = Path(PLUGIN_DIR) / "build" / PLUGIN_LIBRARY_NAME
 UNAVAILABLE = (
     "TensorRT is not installed here (`import tensorrt` fails; pip cannot install it on this machine): the engine "
     "step was skipped. On the device, run build_engine.sh in the export directory, then `tpc verify` there"
@@ -128,6 +132,13 @@ class TensorRTRuntime(Runtime):
             raise RuntimeError("TensorRT execution failed")
         stream.synchronize()
         return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
+
+    @classmethod
+    def artifact_io(
+        cls, path: Path, method: str | None, want_inputs: TensorIO, want_outputs: TensorIO
+    ) -> tuple[TensorIO, TensorIO]:
+        """The engine is built from the exported ONNX: its declared I/O."""
+        return onnx_io(path)
 
     @classmethod
     def versions(cls) -> dict[str, str]:

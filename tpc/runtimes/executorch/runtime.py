@@ -25,12 +25,15 @@ from typing import Any
 import numpy as np
 
 from tpc.errors import UsageError
-from tpc.runtimes.base import ONLY_GRAPH, Entry, Runtime, artifact_path, invalid_artifact
+from tpc.runtimes.base import ONLY_GRAPH, Entry, Runtime, TensorIO, artifact_path, invalid_artifact
 
 PTE = "ExecuTorch program"
 FILE_IDENTIFIER = re.compile(rb"ET[0-9]{2}")  # executorch 1.x writes ET12 (schema/program.fbs file_identifier)
 EXTENDED_HEADER_MAGIC = b"eh00"
 EXTENDED_HEADER_MIN_LENGTH = 24  # magic, length, program size, segment base offset (+ segment data size)
+# ExecuTorch ScalarType codes -> numpy dtype names
+SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32", 7: "float64",
+                11: "bool", 15: "bfloat16"}  # fmt: skip
 
 
 def check_pte(artifact: str | Path) -> Path:
@@ -131,3 +134,28 @@ class ExecuTorchRuntime(Runtime):
         from importlib.metadata import version
 
         return {"executorch": version("executorch")}
+
+    @classmethod
+    def artifact_io(
+        cls, path: Path, method: str | None, want_inputs: TensorIO, want_outputs: TensorIO
+    ) -> tuple[TensorIO, TensorIO]:
+        """The method's tensor metadata. A `.pte` method has positions, not names: tpc.json's names (`want_*`)
+        are given to its positions in order (`#N` past them)."""
+        from executorch.runtime import Runtime as ETRuntime
+
+        with captured_stderr():
+            meta = ETRuntime.get().load_program(path).metadata(method or "forward")
+
+        def described(count: int, tensor_meta: Any, names: list[str]) -> TensorIO:
+            io = {}
+            for position in range(count):
+                info = tensor_meta(position)
+                name = names[position] if position < len(names) else f"#{position}"
+                code = info.dtype()
+                io[name] = ([int(d) for d in info.sizes()], SCALAR_TYPES.get(int(code), str(code)))
+            return io
+
+        return (
+            described(meta.num_inputs(), meta.input_tensor_meta, list(want_inputs)),
+            described(meta.num_outputs(), meta.output_tensor_meta, list(want_outputs)),
+        )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tpc.contract.manifest import EXPECTED_FILE, INPUTS_FILE, Manifest, inside, read_samples
+from tpc.contract.manifest import EXPECTED_FILE, INPUTS_FILE, ComponentSpec, Manifest, inside, read_samples, write_npz
 
 BUNDLE_DIR = "bundle"
 BUNDLED_PROGRAM = "model.bpte"
@@ -48,17 +48,19 @@ def write_bundle(directory: Path, manifest: Manifest) -> Path:
     shutil.copyfile(program_path, bundle / Path(program).name)
     suites, commands = [], []
     for spec in manifest.methods:
+        method = spec.method
+        assert method is not None  # every graph of an ExecuTorch export is a named method of its program
         inputs = read_samples(directory, spec.name, INPUTS_FILE)
         expected = read_samples(directory, spec.name, EXPECTED_FILE)
         input_names, output_names = [s.name for s in spec.inputs], [s.name for s in spec.outputs]
-        input_files = _raw_files(inputs, input_names, bundle / "inputs" / spec.method)
-        _raw_files(expected, output_names, bundle / "expected" / spec.method)
-        np.savez(bundle / "expected" / spec.method / "expected.npz", **expected)
+        input_files = _raw_files(inputs, input_names, bundle / "inputs" / method)
+        _raw_files(expected, output_names, bundle / "expected" / method)
+        write_npz(bundle / "expected" / method / "expected.npz", expected)  # read_samples holds no object arrays
         case = MethodTestCase(
             inputs=[torch.from_numpy(inputs[name]) for name in input_names],
             expected_outputs=[torch.from_numpy(expected[name]) for name in output_names],
         )
-        suites.append(MethodTestSuite(method_name=spec.method, test_cases=[case]))
+        suites.append(MethodTestSuite(method_name=method, test_cases=[case]))
         commands.append((spec, input_files))
     bundled = BundledProgram(None, suites, pte_file_path=str(program_path))
     (bundle / BUNDLED_PROGRAM).write_bytes(serialize_from_bundled_program_to_flatbuffer(bundled))
@@ -66,7 +68,7 @@ def write_bundle(directory: Path, manifest: Manifest) -> Path:
     return bundle
 
 
-def readme(manifest: Manifest, program: str, commands: list[tuple]) -> str:
+def readme(manifest: Manifest, program: str, commands: list[tuple[ComponentSpec, list[str]]]) -> str:
     model, method, keep = manifest.model["ref"], manifest.method, manifest.keep
     lines = [
         f"# {model}, {method}, keep {keep}: ExecuTorch benchmark bundle",
@@ -81,8 +83,8 @@ def readme(manifest: Manifest, program: str, commands: list[tuple]) -> str:
         ins = ", ".join(f"{s.name} {s.dtype}{s.shape}" for s in spec.inputs)
         outs = ", ".join(f"{s.name} {s.dtype}{s.shape}" for s in spec.outputs)
         lines.append(f"| `{spec.method}` | {ins} | {outs} |")
-    if manifest.policy is not None and "stages" in manifest.policy:
-        lines += ["", f"A control step runs its graph's two methods: {manifest.policy['stages']}."]
+    if manifest.policy is not None and manifest.policy.stages is not None:
+        lines += ["", f"A control step runs its graph's two methods: {manifest.policy.stages}."]
     lines += [
         "",
         "## executor_runner (host or `adb shell`)",

@@ -45,6 +45,13 @@ def op_kind(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
+def _input_value(node: fx.Node, index: int) -> torch.Tensor:
+    """The traced value (`meta["val"]`) of a node's `index`-th argument, itself a node of the graph."""
+    arg = node.args[index]
+    assert isinstance(arg, fx.Node)  # a matrix product's or convolution's operands are graph values
+    return arg.meta["val"]
+
+
 def node_flops(node: fx.Node) -> int:
     out = node.meta.get("val")
     if isinstance(out, (tuple, list)):
@@ -54,9 +61,9 @@ def node_flops(node: fx.Node) -> int:
     kind = op_kind(node)
     if kind in MATMUL_INNER:
         argument, axis = MATMUL_INNER[kind]
-        return 2 * out.numel() * int(node.args[argument].meta["val"].shape[axis])
+        return 2 * out.numel() * int(_input_value(node, argument).shape[axis])
     if kind in CONV_OPS:
-        weight = node.args[1].meta["val"]
+        weight = _input_value(node, 1)
         return 2 * out.numel() * math.prod(weight.shape[1:])
     return out.numel()
 
@@ -132,12 +139,14 @@ def capture_reasons() -> Iterator[ReasonLog]:
 def delegation_report(graph_module: fx.GraphModule, reasons: dict[str, str], backend: str) -> DelegationReport:
     """Walk a lowered edge program: top-level compute nodes are portable, nodes inside delegates are not."""
     ops: dict[str, OpDelegation] = defaultdict(OpDelegation)
-    flops = Counter()
+    flops: Counter[str] = Counter()
     islands = 0
     segments: list[set[str]] = [set()]  # op kinds of each portable run, split at every delegate call
     for node in graph_module.graph.nodes:
         lowered = getattr(graph_module, str(node.target), None) if node.op == "get_attr" else None
-        if hasattr(lowered, "original_module"):  # a delegate: the subgraph handed to the backend
+        if lowered is not None and hasattr(
+            lowered, "original_module"
+        ):  # a delegate: the subgraph handed to the backend
             islands += 1
             segments.append(set())
             for sub in lowered.original_module.graph_module.graph.nodes:

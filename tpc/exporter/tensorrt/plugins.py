@@ -1,4 +1,5 @@
-"""The fused CUDA token-select kernel of `plugins_cuda/`: find it, build it, load it, and emulate it on the CPU.
+"""The fused CUDA token-select kernel of `plugins_cuda/` behind the TensorRT plugin: find it, build it, load it, and
+emulate it on the CPU; the plugin's identity (name, namespace, version, field) as the C++ sources declare it.
 
 Why this module exists:
   * the TensorRT target ships the kernel and its IPluginV3 wrapper as sources (a TensorRT plugin must be
@@ -26,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
-import tpc
 from tpc.errors import UsageError
 
-LIBRARY_NAME = "libtpc_select.so"
-PLUGIN_LIBRARY_NAME = "libtpc_trt_plugin.so"
+LIBRARY_NAME = "libtpc_select.so"  # the kernel alone (C ABI, nvcc only): what ctypes loads
+# the plugin as TensorRT's registry knows it (plugins_cuda/TokenSelectPlugin.h; tests check they agree)
 PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, PLUGIN_FIELD_K = "TokenSelect", "tpc", "1", "k"
+SOURCES_DIR = "plugins_cuda"  # the checkout's folder with the sources (next to tpc/)
+BUILD_DIR = "build"  # where make and cmake build inside it
 
 # The kernel's geometry (token_select.cu): what the emulation mirrors.
 THREADS_PER_BLOCK = 512
@@ -48,7 +50,8 @@ _ARCH = re.compile(r"^(?:sm_)?(\d{2,3}[af]?)$")
 def plugins_dir() -> Path:
     """The `plugins_cuda` directory: `$TPC_PLUGINS_DIR`, else the checkout's `plugins_cuda/` next to `tpc/`."""
     configured = os.environ.get("TPC_PLUGINS_DIR")
-    directory = Path(configured) if configured else Path(tpc.__file__).resolve().parents[1] / "plugins_cuda"
+    checkout = Path(__file__).resolve().parents[3]  # tpc/exporter/tensorrt/plugins.py -> the repository root
+    directory = Path(configured) if configured else checkout / SOURCES_DIR
     if not (directory / "token_select.cu").is_file():
         raise UsageError(
             f"CUDA plugin sources not found in {directory}: set TPC_PLUGINS_DIR to a tpc checkout's plugins_cuda "
@@ -88,7 +91,7 @@ def arch_for_capability(capability: tuple[int, int]) -> str:
 
 
 def default_build_dir() -> Path:
-    return plugins_dir() / "build"
+    return plugins_dir() / BUILD_DIR
 
 
 def kernel_library(build_dir: Path | None = None) -> Path | None:
@@ -111,7 +114,7 @@ def build_kernel_library(
     if make is None:
         raise UsageError("make not found: install make (build-essential) to build the CUDA kernel library")
     source = plugins_dir()
-    target = (build_dir or source / "build").resolve()
+    target = (build_dir or source / BUILD_DIR).resolve()
     command = [make, "-C", str(source), f"NVCC={nvcc}", f"BUILD_DIR={target}"]
     if archs is not None:
         command.append(f"ARCHS={' '.join(normalize_archs(archs))}")

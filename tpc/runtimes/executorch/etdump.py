@@ -94,7 +94,10 @@ def etdump_report(directory: Path, etdump: Path, method: str | None = None, tick
     manifest = Manifest.read(Path(directory))
     if manifest.target != "executorch":
         raise UsageError(f"--etdump reads ExecuTorch exports; '{directory}' is a {manifest.target} export")
-    methods = [c.method for c in manifest.methods]
+    methods: list[str] = []
+    for spec in manifest.methods:
+        assert spec.method is not None  # Manifest.read: every graph of an ExecuTorch export names its method
+        methods.append(spec.method)
     if method is None:
         method = etdump.stem if etdump.stem in methods else methods[0]
     if method not in methods:

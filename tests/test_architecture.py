@@ -1,0 +1,59 @@
+"""The layering holds in the code itself: no function-local import of a tpc module (registries import by name,
+with importlib), no comparison against a kind's name outside the kinds, and the import-linter contracts pass."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "tpc"
+KIND_NAMES = {"encoder", "vlm", "vla", "policy"}
+KIND_MODULES = ("kinds",)  # the kinds and their registry: the one place that names them
+
+
+def _modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def test_no_function_local_import_of_a_tpc_module() -> None:
+    found = []
+    for path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for inner in ast.walk(node):
+                names = [inner.module or ""] if isinstance(inner, ast.ImportFrom) else []
+                names += [a.name for a in inner.names] if isinstance(inner, ast.Import) else []
+                found += [f"{path.relative_to(PACKAGE)}:{inner.lineno}" for n in names if n.split(".")[0] == "tpc"]
+    assert found == []
+
+
+def test_no_branch_on_a_kind_name_outside_the_kinds() -> None:
+    """`x == "vlm"`, `kind in ("vla", ...)`, `match`-free: a comparison with a kind's name is the kinds' business."""
+    found = []
+    for path in _modules():
+        if path.relative_to(PACKAGE).parts[0] in KIND_MODULES:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+                strings = {o.value for o in operands if isinstance(o, ast.Constant) and isinstance(o.value, str)}
+                for o in operands:
+                    if isinstance(o, ast.Tuple | ast.List | ast.Set):
+                        strings |= {e.value for e in o.elts if isinstance(e, ast.Constant)}
+                if strings & KIND_NAMES:
+                    found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert found == []
+
+
+def test_import_contracts_hold() -> None:
+    lint_imports = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    if lint_imports is None:
+        pytest.skip("import-linter is not installed (pip install 'tpc[dev]')")
+    result = subprocess.run([lint_imports], capture_output=True, text=True, cwd=PACKAGE.parent, check=False)
+    assert result.returncode == 0, result.stdout[-3000:]

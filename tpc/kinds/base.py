@@ -1,0 +1,396 @@
+"""What every model kind shares: the request, the built components, the checks each planner runs, and the
+protocol a kind implements (`Kind`).
+
+A kind (an encoder, a VLM, a policy) is one module under `tpc.kinds` with one `KIND` object: it plans a request
+into a typed plan, builds the eager components, makes seeded samples, writes its manifest section and extra
+samples, verifies its loop (a VLM's greedy generation, a policy's episode), describes itself for `tpc inspect` and
+names its profile headline. Export, verify, inspect, profile and the CLI iterate over components and call the
+kind; nothing else branches on which kind a model is (`tpc.kinds.KINDS` is the registry).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tpc.contract.manifest import Manifest, TensorSpec
+from tpc.contract.names import SINGLE, Session
+from tpc.contract.report import ShippedCheck, Tolerance, VerifyReport
+from tpc.errors import UsageError
+from tpc.exporter.base import ExportPart
+from tpc.kinds import KindRecord, accepts_method
+from tpc.methods import REGISTRY, Method
+from tpc.models_zoo import Adapter, ModelSource, PromptLayout
+from tpc.models_zoo.llava import DecoderGeometry
+from tpc.models_zoo.validate import expected_shapes
+from tpc.passes.policy_stages import StagePart
+from tpc.progress import Step
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PruneRequest:
+    """Everything that determines a pruned graph (and so its static shapes)."""
+
+    model: str
+    method: str
+    keep: int | None
+    params: Mapping[str, str] = field(default_factory=dict)
+    dtype: str = "fp32"
+    batch: int = 1
+    prompt_len: int | None = None  # VLMs: text tokens of the static prompt (default: the chat template's)
+    max_new_tokens: int | None = None  # VLMs: generated tokens the static KV cache has room for
+
+
+@dataclass
+class Component:
+    """One exported graph: its eager module and its I/O names (`forced_indices` teacher-forces `kept_indices`)."""
+
+    name: str
+    module: nn.Module
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+
+@dataclass
+class Pruned:
+    """A built request: its plan, the eager components, and how to make seeded inputs for each of them."""
+
+    request: PruneRequest
+    plan: Any  # the kind's plan (EncoderPlan, VlmPlan, VlaPlan): each kind reads its own fields
+    components: dict[str, Component]
+    # seed -> {component: {input name: tensor}}; a VLM's later components take earlier ones' eager outputs
+    make_samples: Callable[[int], dict[str, dict[str, Tensor]]]
+
+    @property
+    def source(self) -> ModelSource:
+        return self.plan.source
+
+    @property
+    def method(self) -> Method:
+        return self.plan.method
+
+    @property
+    def keep(self) -> int:
+        return self.plan.keep
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.plan.params
+
+    @property
+    def module(self) -> nn.Module:
+        """The eager module (a VLM's components as a ModuleDict)."""
+        if SINGLE in self.components:
+            return self.components[SINGLE].module
+        return nn.ModuleDict({name: c.module for name, c in self.components.items()})
+
+    def samples(self, seed: int = 0) -> dict[str, dict[str, Tensor]]:
+        return self.make_samples(seed)
+
+
+def eager_outputs(component: Component, inputs: dict[str, np.ndarray], forced: np.ndarray | None = None) -> dict:
+    """One component run eagerly on numpy inputs by name (`forced`: teacher-forced kept indices)."""
+    with torch.no_grad():
+        tensors = [torch.from_numpy(inputs[name]) for name in component.input_names]
+        extra = {"forced_indices": torch.from_numpy(forced)} if forced is not None else {}
+        outputs = component.module(*tensors, **extra)
+    return {name: out.numpy() for name, out in zip(component.output_names, outputs, strict=True)}
+
+
+def as_arrays(samples: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, np.ndarray]]:
+    """Per-component tensors -> numpy arrays (what runtimes and sample files take)."""
+    return {name: {k: t.numpy() for k, t in inputs.items()} for name, inputs in samples.items()}
+
+
+def check_layer(name: str, value: int, depth: int) -> None:
+    if not 1 <= value <= depth:
+        raise UsageError(f"--param {name}={value} is outside the encoder's layers 1..{depth}")
+
+
+def check_method_layers(method: Method, params: dict[str, Any], depths: Mapping[str, tuple[int, int]]) -> None:
+    """Each layer parameter within its stack: depths[stack] = (lowest, highest) valid value."""
+    for param in method.params:
+        if param.layer_of is not None:
+            low, high = depths[param.layer_of]
+            if not low <= params[param.name] <= high:
+                raise UsageError(
+                    f"--param {param.name}={params[param.name]} is outside the {param.layer_of}'s layers {low}..{high}"
+                )
+
+
+MAX_BATCH = 64  # a documented cap: static-batch exports beyond it are better served by several sessions
+
+
+def check_common(request: PruneRequest) -> None:
+    if request.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype '{request.dtype}'; valid: {', '.join(DTYPES)}")
+    if not 1 <= request.batch <= MAX_BATCH:
+        raise UsageError(f"--batch {request.batch} is outside 1..{MAX_BATCH} (the static batch tpc exports)")
+
+
+def check_positions(used: int, limit: int, what: str, fix: str) -> None:
+    """A static prompt and its generated tokens must fit the decoder's position embeddings."""
+    if limit and used > limit:
+        raise UsageError(
+            f"{what} need {used} positions, more than the decoder's {limit} (max_position_embeddings); {fix}"
+        )
+
+
+def parse_bytes(text: str) -> int:
+    """'8G', '512M', '1.5GiB', '1000000' -> bytes."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned[-1:] in units and cleaned[-1:] else (cleaned, "")
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise UsageError(f"TPC_MEMORY_LIMIT={text!r}: expected a size such as 8G or 512M") from None
+    if not value > 0:
+        raise UsageError(f"TPC_MEMORY_LIMIT={text!r}: expected a positive size")
+    return int(value)
+
+
+def available_memory() -> int:
+    """Bytes tpc may use: `TPC_MEMORY_LIMIT` if set, else what the machine has available right now."""
+    if os.environ.get("TPC_MEMORY_LIMIT"):
+        return parse_bytes(os.environ["TPC_MEMORY_LIMIT"])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+# Exporting holds the eager model, torch.export's traced copy, the serialized graph and a runtime session: about 4
+# copies of the weights at the peak.
+WEIGHT_COPIES = 4
+
+
+def estimated_bytes(the_plan: KindPlan) -> int:
+    """Peak memory of building, exporting and verifying a plan, before any weights are loaded: the weights (counted
+    on the meta device) times WEIGHT_COPIES, plus the static KV cache and the vision tower's attention maps."""
+    source, request = the_plan.source, the_plan.request
+    itemsize = DTYPES[request.dtype].itemsize
+    weights = sum(int(np.prod(shape)) for shape in expected_shapes(source.adapter.model_class, source.config).values())
+    geometry = source.geometry
+    tower = request.batch * geometry.num_heads * geometry.sequence_length**2 * 4 * 3
+    return weights * itemsize * WEIGHT_COPIES + tower + the_plan.cache_bytes()
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
+def check_memory(the_plan: KindPlan) -> None:
+    """Refuse, before allocating anything, an export that would not fit in memory."""
+    need, have = estimated_bytes(the_plan), available_memory()
+    if need > have:
+        raise UsageError(
+            f"this export needs about {_size(need)} of memory and {_size(have)} is available; "
+            "lower --batch, --max-new-tokens or --prompt-len, or free memory (TPC_MEMORY_LIMIT sets the budget)"
+        )
+
+
+def methods_for(adapter: Adapter) -> list[str]:
+    """The methods a model family accepts (its kind says which)."""
+    return sorted(name for name, method in REGISTRY.items() if accepts_method(adapter.kind, method))
+
+
+def check_accepts(adapter: Adapter, method: Method, why: str) -> None:
+    """One line when the family's kind does not take the method: `why` says what the family lacks."""
+    if not accepts_method(adapter.kind, method):
+        raise UsageError(
+            f"method '{method.name}' {why.format(family=adapter.family, stage=method.stage)}; "
+            f"methods for {adapter.family}: {', '.join(methods_for(adapter))}"
+        )
+
+
+def split_params(given: Mapping[str, str]) -> tuple[dict[str, str], int | None]:
+    """Separate the model-level `feature_layer` from the method's parameters."""
+    rest = dict(given)
+    feature_layer = rest.pop("feature_layer", None)
+    if feature_layer is None:
+        return rest, None
+    try:
+        return rest, int(feature_layer)
+    except ValueError:
+        raise UsageError(f"--param feature_layer={feature_layer}: expected an integer layer (1-based)") from None
+
+
+def resolve_keep(
+    keep: int | None, method: Method, num_tokens: int, lowest: int = 1, what: str = "the encoder has {n} patch tokens"
+) -> int:
+    if not method.prunes:
+        return num_tokens
+    if keep is None:
+        raise UsageError(f"--keep is required for method '{method.name}' ({lowest}..{num_tokens} tokens)")
+    if not lowest <= keep <= num_tokens:
+        raise UsageError(f"--keep {keep} is out of range: {what.format(n=num_tokens)} (use {lowest}..{num_tokens})")
+    return keep
+
+
+def check_budget(method: Method, keep: int, params: dict[str, Any]) -> None:
+    try:
+        method.check_budget(keep, params)
+    except ValueError as error:
+        raise UsageError(f"--keep {keep} with method {method.name}: {error}") from None
+
+
+@dataclass(frozen=True)
+class DecoderPlan:
+    """What a VLM plan and a policy plan share: a validated request on a decoder with a static prompt."""
+
+    request: PruneRequest
+    source: ModelSource
+    method: Any  # VisionMethod | PrefillMethod for a VLM; PrefillMethod or `none` for a policy
+    keep: int  # image tokens the decoder keeps (a policy: from the prune layer on, in pruned steps)
+    method_params: dict[str, Any]
+    prompt: PromptLayout
+
+    @property
+    def adapter(self) -> Any:  # the family's adapter (LlavaAdapter, OpenVlaAdapter)
+        return self.source.adapter
+
+    @property
+    def decoder(self) -> DecoderGeometry:
+        return self.adapter.decoder(self.source.config)
+
+    def cache_bytes(self, new_tokens: int = 8) -> int:
+        """The static KV cache of the prompt and `new_tokens` decoded ones, with headroom for copies."""
+        decoder, batch = self.decoder, self.request.batch
+        positions = self.prompt.length + new_tokens
+        return 2 * decoder.num_layers * decoder.num_kv_heads * decoder.head_dim * positions * batch * 4 * 4
+
+
+def seeded_pixels(source: ModelSource, request: PruneRequest, seed: int) -> Tensor:
+    """Standard-normal pixels (as after CLIP normalisation) of the export's static shape."""
+    geometry = source.geometry
+    shape = (request.batch, geometry.channels, geometry.image_size, geometry.image_size)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator).to(DTYPES[request.dtype])
+
+
+class KindPlan(Protocol):
+    """What every kind's plan has (EncoderPlan, VlmPlan, VlaPlan add their own layout)."""
+
+    @property
+    def request(self) -> PruneRequest: ...
+
+    @property
+    def source(self) -> ModelSource: ...
+
+    @property
+    def method(self) -> Method: ...
+
+    @property
+    def keep(self) -> int: ...
+
+    @property
+    def params(self) -> dict[str, Any]: ...
+
+    @property
+    def kept_widths(self) -> tuple[int, ...]: ...
+
+    def cache_bytes(self) -> int: ...
+
+
+PlanT = TypeVar("PlanT", bound=KindPlan)
+
+# Sessions by component: the exported graph, and its teacher-forced twin when the component selects tokens
+Sessions = dict[str, tuple[Session, Session | None]]
+
+
+class Kind(ABC, Generic[PlanT]):
+    """One kind of model: everything the flows ask of it (see the module docstring). The hooks a kind without a
+    loop or stages does not need (an encoder's samples, a VLM's stages) default to nothing."""
+
+    record: KindRecord
+
+    @abstractmethod
+    def plan(self, request: PruneRequest, source: ModelSource) -> PlanT:
+        """Validate a request into the kind's typed plan, before any weights load (one UsageError line each)."""
+
+    @abstractmethod
+    def build(self, plan: PlanT) -> Pruned:
+        """Load the weights and build the eager components with their seeded samples."""
+
+    @abstractmethod
+    def tokens_before(self, plan: PlanT) -> int:
+        """The visual tokens a method chooses among (tpc.json's `tokens.before`)."""
+
+    @abstractmethod
+    def entry_specs(self, manifest: Manifest) -> dict[str, TensorSpec]:
+        """What a user's `verify --inputs` file holds."""
+
+    @abstractmethod
+    def entry_samples(self, pruned: Pruned, entry: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+        """Each component's inputs for a user's entry inputs."""
+
+    @abstractmethod
+    def describe(self, request: PruneRequest, source: ModelSource) -> dict[str, Any]:
+        """`tpc inspect`'s plan as plain data."""
+
+    @abstractmethod
+    def render(self, plan: dict[str, Any]) -> list[str]:
+        """That plan as the lines `tpc inspect` prints."""
+
+    def manifest_sections(self, plan: PlanT) -> dict[str, Any]:
+        """The kind's own tpc.json sections by name (`generation` for a VLM, `policy` for a policy)."""
+        return {}
+
+    def write_samples(self, directory: Path, pruned: Pruned) -> None:
+        """Samples beyond each component's inputs/expected: a VLM's generation, a policy's episode."""
+        return None
+
+    def sample_files(self, manifest: Manifest) -> list[str]:
+        """Those samples' paths, relative to the export directory."""
+        return []
+
+    def check_samples(
+        self, pruned: Pruned, manifest: Manifest, samples: dict[str, dict[str, np.ndarray]], tolerance: Tolerance
+    ) -> list[ShippedCheck]:
+        """Those samples are what eager PyTorch produces on their stored inputs."""
+        return []
+
+    def request_options(self, manifest: Manifest) -> dict[str, Any]:
+        """The request fields the manifest records for this kind (prompt_len, max_new_tokens)."""
+        return {}
+
+    def verify_runs(
+        self,
+        pruned: Pruned,
+        manifest: Manifest,
+        sessions: Sessions,
+        seeds: list[int],
+        tolerance: Tolerance,
+        report: VerifyReport,
+        step: Step,
+    ) -> None:
+        """The kind's end-to-end check on the exported sessions (generation, episode replay); for a kind without
+        a loop, the per-sample comparison of each component is the whole check."""
+        return None
+
+    def stages(self, parts: dict[str, ExportPart]) -> dict[str, dict[str, StagePart]]:
+        """Components a target that lowers per stage (ExecuTorch) writes as several programs, by stage."""
+        return {}
+
+    def forced_first_stage(self, part: ExportPart, kept_indices: Tensor) -> StagePart:
+        """A staged component's selecting stage, teacher-forced with `kept_indices`."""
+        raise ValueError("this kind has no staged components")
+
+    def record_stages(self, manifest: Manifest) -> None:
+        """Say in the kind's manifest section how the staged programs make one component."""
+        return None

@@ -1,0 +1,471 @@
+"""Planning and building a LLaVA-style VLM export: vision, prefill and decode components, one static layout.
+
+Where the method prunes decides the layout. A vision-side method (HiPrune, DivPrune, random, uniform) hands
+K image embeddings to the decoder, so the prefill sees text + K image positions with contiguous positions, as
+in the references. A prefill method (FastV) sees all image tokens and keeps K from its layer on, with original
+positions. `--method none` is the unpruned model, equal to transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tpc.contract.manifest import GENERATION_FILE, SAMPLES_DIR, Manifest, TensorSpec
+from tpc.contract.names import INPUT_IDS, PIXEL_VALUES, VISION
+from tpc.contract.protocols import CacheSpec, GenerationProtocol, PrefillSpec, PromptSpec
+from tpc.contract.report import GenerationCheck, ShippedCheck, Tolerance, VerifyReport
+from tpc.errors import UsageError
+from tpc.kinds import KINDS
+from tpc.kinds.base import (
+    DTYPES,
+    Component,
+    DecoderPlan,
+    Kind,
+    Pruned,
+    PruneRequest,
+    Sessions,
+    as_arrays,
+    check_accepts,
+    check_budget,
+    check_method_layers,
+    check_positions,
+    eager_outputs,
+    resolve_keep,
+    seeded_pixels,
+    split_params,
+)
+from tpc.kinds.checks import array_problems, first_difference
+from tpc.kinds.encoder import render_tower, tower_description
+from tpc.methods import PrefillMethod, VisionMethod, get_method
+from tpc.methods import none as no_pruning
+from tpc.methods.schedule import ALL_ROWS, LAST_ROW, Prune, TokenSchedule
+from tpc.models_zoo import LlavaAdapter, ModelSource
+from tpc.passes.decoder import DecoderLayout, ScheduledDecoder
+from tpc.passes.prune_vision import PrunedVisionEncoder, VisionCut
+from tpc.passes.vlm_components import DecodeComponent, PrefillComponent, VisionComponent
+from tpc.progress import Step
+from tpc.runtimes.generation import GenerationLoop, prefill_ids
+
+DEFAULT_MAX_NEW_TOKENS = 32
+MIN_NEW_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class VlmPlan(DecoderPlan):
+    """A validated VLM request: method, budget, the static prompt and cache layout."""
+
+    max_new_tokens: int
+
+    @property
+    def adapter(self) -> LlavaAdapter:
+        return llava_adapter(self.source)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.method_params)
+
+    @property
+    def prunes_in_prefill(self) -> bool:
+        return isinstance(self.method, PrefillMethod)
+
+    @property
+    def cut(self) -> VisionCut:
+        config = self.source.config
+        method, keep = (
+            (no_pruning.METHOD, self.prompt.image_tokens) if self.prunes_in_prefill else (self.method, self.keep)
+        )
+        return VisionCut(
+            self.adapter.tower(config),
+            self.source.geometry,
+            method,
+            keep,
+            {} if self.prunes_in_prefill else self.method_params,
+            self.adapter.feature_layers(config),
+            self.adapter.keeps_prefix(config),
+        )
+
+    @property
+    def schedule(self) -> TokenSchedule:
+        """Which image tokens each decoder layer sees: K from the start for a vision-side method."""
+        if self.prunes_in_prefill:
+            return self.method.schedule(self.method_params, self.keep, self.prompt.image_tokens)
+        return TokenSchedule(self.keep)
+
+    def cache_bytes(self, new_tokens: int | None = None) -> int:
+        return super().cache_bytes(self.max_new_tokens if new_tokens is None else new_tokens)
+
+    @property
+    def kept_widths(self) -> tuple[int, ...]:
+        return self.schedule.kept_widths
+
+    @property
+    def cache(self) -> DecoderLayout:
+        return DecoderLayout(
+            image_start=self.prompt.image_start,
+            text_tokens=self.prompt.text_len,
+            schedule=self.schedule,
+            num_layers=self.decoder.num_layers,
+            decode_steps=self.max_new_tokens - 1,
+        )
+
+    def flops(self) -> dict[str, int]:
+        """2x multiply-adds of each stage for one image and prompt (what an ideal runtime's time is proportional to).
+
+        tower: the layers the vision graph runs; projector: on the tokens it receives; prefill: every layer at its
+        own length (causal: on average half the prompt as context); decode: the first generated token.
+        """
+        geometry, decoder, cache = self.source.geometry, self.decoder, self.cache
+        projector_in = geometry.hidden_size * len(self.adapter.feature_layers(self.source.config))
+        projector = 2 * cache.image_tokens * (projector_in * decoder.hidden_size + decoder.hidden_size**2)
+        prefill, decode = cache.flops(decoder)
+        tower = self.cut.depth * geometry.layer_flops(geometry.sequence_length)
+        return {"tower": tower, "projector": projector, "prefill": prefill, "decode_token": decode}
+
+    def generation(self) -> GenerationProtocol:
+        """What a runtime needs to drive the components (written to tpc.json as `generation`)."""
+        config = self.source.config
+        cache = self.cache
+        return GenerationProtocol(
+            image_token_id=self.adapter.image_token_id(config),
+            eos_token_ids=tuple(self.adapter.eos_token_ids(config)),
+            prompt=PromptSpec(
+                text_tokens=self.prompt.text_len,
+                image_start=self.prompt.image_start,
+                image_tokens=self.prompt.image_tokens,
+                length=self.prompt.length,
+            ),
+            prefill=PrefillSpec(length=cache.prefill_tokens, image_tokens=cache.image_tokens),
+            max_new_tokens=self.max_new_tokens,
+            decoder_layers=self.decoder.num_layers,
+            cache=CacheSpec(
+                lengths_after_prefill=tuple(cache.kept_lengths),
+                capacity=tuple(cache.capacities),
+                next_position=cache.next_position,
+            ),
+            protocol=(
+                "vision(pixel_values) -> image_embeds; prefill(input_ids with image_embeds' count of image tokens "
+                "at prompt.image_start, image_embeds) -> logits, present.*; then for step s = 0, 1, ...: "
+                "decode(input_ids = argmax(logits), step = [s], past.* = present.*) -> logits, present.*"
+            ),
+        )
+
+
+def llava_adapter(source: ModelSource) -> LlavaAdapter:
+    """A VLM's adapter, typed (LLaVA's is the family whose kind is a VLM)."""
+    adapter = source.adapter
+    assert isinstance(adapter, LlavaAdapter), "a VLM is a LLaVA-family model"
+    return adapter
+
+
+def plan_vlm(request: PruneRequest, source: ModelSource) -> VlmPlan:
+    adapter = llava_adapter(source)
+    config = source.config
+    method = get_method(request.method)
+    stateful = " (it carries action attention between control steps: policies only)"
+    check_accepts(adapter, method, "does not apply to {family} models" + (stateful if method.stateful else ""))
+    method_params, feature_layer = split_params(request.params)
+    if feature_layer is not None:
+        raise UsageError(
+            "--param feature_layer does not apply to a VLM: its config's vision_feature_layer decides the features"
+        )
+    geometry, decoder = source.geometry, adapter.decoder(config)
+    feature_layers = adapter.feature_layers(config)
+    derived = (  # the raw vision_feature_layer too: HiPrune pairs hidden_states[p] with attentions[p] (layer p+1)
+        method.model_defaults(geometry.num_layers, max(feature_layers), config.vision_feature_layer)
+        if isinstance(method, VisionMethod)
+        else {}
+    )
+    params = method.resolve_params(method_params, derived)
+    check_method_layers(method, params, {"encoder": (1, geometry.num_layers), "decoder": (1, decoder.num_layers - 1)})
+    num_image = adapter.image_tokens(config)
+    prefix = geometry.prefix_tokens if adapter.keeps_prefix(config) and isinstance(method, VisionMethod) else 0
+    what = "one image is {n} image tokens in the prompt" + (f" ({prefix} CLS always kept)" if prefix else "")
+    keep = resolve_keep(request.keep, method, num_image, prefix + 1, what)
+    check_budget(method, keep - prefix, params)
+    max_new = request.max_new_tokens if request.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS
+    if max_new < MIN_NEW_TOKENS:
+        raise UsageError(
+            f"--max-new-tokens must be at least {MIN_NEW_TOKENS} (verification compares that many generated tokens), "
+            f"got {max_new}"
+        )
+    user_dir = source.user_dir
+    layout = adapter.default_layout(config, user_dir, request.prompt_len)
+    check_positions(
+        layout.length + max_new - 1,
+        decoder.max_positions,
+        f"the prompt ({layout.text_len} text + {layout.image_tokens} image tokens) and {max_new} new tokens",
+        "lower --prompt-len or --max-new-tokens",
+    )
+    return VlmPlan(request, source, method, keep, params, layout, max_new)
+
+
+def build_vlm(plan: VlmPlan) -> Pruned:
+    """Load through `from_pretrained`, then the three components sharing one set of weights."""
+    source, adapter, request = plan.source, plan.adapter, plan.request
+    # transformers wraps PreTrainedModel.to (functools.wraps of nn.Module.to): mypy does not bind its self
+    model = adapter.load(source.path).to(DTYPES[request.dtype])  # type: ignore[arg-type]
+    projector = adapter.projector(model)
+    tower = PrunedVisionEncoder(adapter.vision_tower(model), plan.cut, signal_embedding=projector)
+    vision = VisionComponent(tower, projector).eval()
+    prefill_method = plan.method if plan.prunes_in_prefill else None
+    decoder = ScheduledDecoder(model, adapter, plan.cache, prefill_method, plan.method_params)
+    prefill, decode = PrefillComponent(decoder).eval(), DecodeComponent(decoder).eval()
+    components = {
+        "vision": Component("vision", vision, vision.input_names, vision.output_names),
+        "prefill": Component("prefill", prefill, prefill.input_names, prefill.output_names),
+        "decode": Component("decode", decode, decode.input_names, decode.output_names),
+    }
+
+    def samples(seed: int) -> dict[str, dict[str, Tensor]]:
+        return component_samples(plan, components, seed)
+
+    return Pruned(request, plan, components, samples)
+
+
+def seeded_prompt(plan: VlmPlan, seed: int) -> np.ndarray:
+    """(B, prompt length) int64, as a processor makes it: one image's run of image tokens inside text tokens.
+
+    Seed 0 of a model with a chat template is the template's prompt; otherwise the text tokens are seeded.
+    """
+    image_id = plan.adapter.image_token_id(plan.source.config)
+    start, count = plan.prompt.image_start, plan.prompt.image_tokens
+    if seed == 0 and plan.prompt.template is not None:
+        text = np.array([t for t in plan.prompt.template if t != image_id], dtype=np.int64)
+    else:
+        rng = np.random.default_rng(seed)
+        text = rng.integers(3, plan.decoder.vocab_size, size=plan.prompt.text_len, dtype=np.int64)
+        text[text == image_id] = 3
+        text[0] = 1  # BOS
+    row = np.concatenate([text[:start], np.full(count, image_id, dtype=np.int64), text[start:]])
+    return np.tile(row, (plan.request.batch, 1))
+
+
+def component_samples(plan: VlmPlan, components: dict[str, Component], seed: int) -> dict[str, dict[str, Tensor]]:
+    """Seeded inputs for each component (a seeded image and prompt, chained through the eager components)."""
+    pixels = seeded_pixels(plan.source, plan.request, seed)
+    ids = prefill_ids(plan.generation(), seeded_prompt(plan, seed))
+    return chained_samples(plan, components, pixels, ids)
+
+
+def chained_samples(
+    plan: VlmPlan, components: dict[str, Component], pixels: Tensor, ids: np.ndarray
+) -> dict[str, dict[str, Tensor]]:
+    """Each component's inputs for one image and prompt: vision -> prefill -> the first decode step."""
+    ids_tensor = torch.from_numpy(ids)
+    with torch.no_grad():
+        image_embeds = components["vision"].module(pixels)[0]
+        prefill_out = components["prefill"].module(ids_tensor, image_embeds)
+    token = prefill_out[0].argmax(dim=-1, keepdim=True)
+    present = prefill_out[1 : 1 + 2 * plan.decoder.num_layers]
+    past = dict(zip(components["decode"].input_names[2:], present, strict=True))
+    return {
+        "vision": {"pixel_values": pixels},
+        "prefill": {"input_ids": ids_tensor, "image_embeds": image_embeds},
+        "decode": {"input_ids": token, "step": torch.zeros(1, dtype=torch.int64), **past},
+    }
+
+
+def eager_loop(pruned: Pruned) -> GenerationLoop:
+    """The generation loop over the eager components: what an exported VLM must reproduce."""
+    runs = {name: functools.partial(eager_outputs, component) for name, component in pruned.components.items()}
+    return GenerationLoop(runs, pruned.plan.generation())
+
+
+def generation_inputs(pruned: Pruned, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    return seeded_pixels(pruned.source, pruned.request, seed).numpy(), seeded_prompt(pruned.plan, seed)
+
+
+def check_generation(pruned: Pruned, exported: GenerationLoop, seeds: list[int]) -> GenerationCheck:
+    eager = eager_loop(pruned)
+    check = GenerationCheck(len(seeds), pruned.plan.max_new_tokens, 0, 0)
+    for sample, seed in enumerate(seeds):
+        pixels, ids = generation_inputs(pruned, seed)
+        want = eager.generate(pixels, ids, stop_at_eos=False)
+        got = exported.generate(pixels, ids, stop_at_eos=False)
+        equal = np.all(got == want, axis=1)
+        check.rows += equal.size
+        check.rows_equal += int(equal.sum())
+        if check.first_difference is None and not equal.all():
+            row = int(np.argmin(equal))
+            check.first_difference = [sample, row, int(np.argmax(got[row] != want[row]))]
+    return check
+
+
+GENERATION_SAMPLE = f"{SAMPLES_DIR}/{GENERATION_FILE}"
+
+
+def vlm_generation(manifest: Manifest) -> GenerationProtocol:
+    """The generation section of a VLM export's manifest (the kind of an export is the section it has)."""
+    assert manifest.generation is not None, "a VLM export's manifest has its generation section"
+    return manifest.generation
+
+
+def check_generation_sample(pruned: Pruned, manifest: Manifest, sample: dict[str, np.ndarray]) -> ShippedCheck:
+    name = f"{GENERATION_SAMPLE}: tokens = eager greedy generation on its inputs"
+    pixels = next(s for s in manifest.component(VISION).inputs if s.name == PIXEL_VALUES)
+    generation = vlm_generation(manifest)
+    layout = {
+        PIXEL_VALUES: (pixels.shape, pixels.dtype),
+        INPUT_IDS: ([manifest.batch, generation.prompt.length], "int64"),
+        "tokens": ([manifest.batch, generation.max_new_tokens], "int64"),
+    }
+    problems = array_problems(sample, layout)
+    if not problems:
+        try:
+            want = eager_loop(pruned).generate(sample[PIXEL_VALUES], sample[INPUT_IDS], stop_at_eos=False)
+        except Exception as err:  # a forged prompt eager cannot run
+            return ShippedCheck(name, False, f"eager PyTorch cannot run its inputs ({type(err).__name__}: {err})"[:240])
+        if not np.array_equal(sample["tokens"], want):
+            problems.append(f"tokens differ from eager's ({first_difference(sample['tokens'], np.asarray(want))})")
+    return ShippedCheck(name, not problems, "; ".join(problems[:4]))
+
+
+ROW_REDUCTIONS = {LAST_ROW: "last prompt token's row, head mean", ALL_ROWS: "all prompt rows' mean, head mean"}
+
+
+def schedule_point(schedule: TokenSchedule) -> str:
+    """Where a decoder schedule changes the image tokens, in words."""
+    if len(schedule.transitions) == 1 and schedule.prunes:
+        layer = schedule.prunes[0].layer
+        return f"inside the prefill, before decoder layer {layer} (layers 0..{layer - 1} see every token)"
+    steps = [
+        f"{'prune to ' + str(t.keep) if isinstance(t, Prune) else 're-admit every'} image tokens at layer {t.layer}"
+        for t in schedule.transitions
+    ]
+    return "inside the prefill: " + ", then ".join(steps)
+
+
+def schedule_taps(schedule: TokenSchedule) -> list[dict[str, Any]]:
+    """The decoder taps a schedule's prunes read."""
+    return [
+        {"layer": layer, "stack": "decoder", "reduction": ROW_REDUCTIONS[rows]}
+        for layer, rows in schedule.tapped_layers().items()
+    ]
+
+
+def render_ranges(ranges: list[dict[str, Any]]) -> str:
+    """[{layers: [0, 1], image_tokens: 256}, ...] -> "layers 0-1: 256, 2-3: 40"."""
+    return "layers " + ", ".join(f"{r['layers'][0]}-{r['layers'][1]}: {r['image_tokens']}" for r in ranges)
+
+
+def describe_vlm(the_plan: VlmPlan) -> dict[str, Any]:
+    """The decoder side of a VLM plan: prompt and cache layout, the prefill taps, FLOPs against the unpruned model."""
+    unpruned = plan_vlm(replace(the_plan.request, method="none", keep=None, params={}), the_plan.source)
+    cache, prompt = the_plan.cache, the_plan.prompt
+    if not the_plan.method.prunes:
+        point = "none: unpruned baseline (the projector and the decoder see every image token)"
+        prefill_taps = []
+    elif the_plan.prunes_in_prefill:
+        point, prefill_taps = schedule_point(the_plan.schedule), schedule_taps(the_plan.schedule)
+    else:
+        point = "on the vision side: the projector and the decoder see only the kept tokens"
+        prefill_taps = []
+    flops, full = the_plan.flops(), unpruned.flops()
+    first_token = flops["tower"] + flops["projector"] + flops["prefill"]
+    full_first_token = full["tower"] + full["projector"] + full["prefill"]
+    return {
+        "prune_point": point,
+        "prefill_taps": prefill_taps,
+        "prompt": {"text_tokens": prompt.text_len, "image_start": prompt.image_start, "length": prompt.length},
+        "tokens": {"before": prompt.image_tokens, "after": the_plan.keep},
+        "tokens_per_layer": the_plan.schedule.describe(cache.num_layers),
+        "prefill_length": cache.prefill_tokens,
+        "cache_capacity": list(cache.capacities),
+        "flops": {"pruned": flops, "unpruned": full},
+        "ideal_speedup": {
+            "first_token": full_first_token / first_token,
+            "decode_token": full["decode_token"] / flops["decode_token"],
+        },
+        "downstream_token_ratio": the_plan.keep / prompt.image_tokens,
+    }
+
+
+class VlmKind(Kind[VlmPlan]):
+    record = KINDS["vlm"]
+
+    def plan(self, request: PruneRequest, source: ModelSource) -> VlmPlan:
+        return plan_vlm(request, source)
+
+    def build(self, plan: VlmPlan) -> Pruned:
+        return build_vlm(plan)
+
+    def manifest_sections(self, plan: VlmPlan) -> dict[str, Any]:
+        return {"generation": plan.generation()}
+
+    def tokens_before(self, plan: VlmPlan) -> int:
+        return plan.prompt.image_tokens
+
+    def write_samples(self, directory: Path, pruned: Pruned) -> None:
+        pixels, ids = generation_inputs(pruned, seed=0)
+        tokens = eager_loop(pruned).generate(pixels, ids, stop_at_eos=False)
+        np.savez(directory / GENERATION_SAMPLE, pixel_values=pixels, input_ids=ids, tokens=tokens)
+
+    def sample_files(self, manifest: Manifest) -> list[str]:
+        return [GENERATION_SAMPLE]
+
+    def check_samples(
+        self, pruned: Pruned, manifest: Manifest, samples: dict[str, dict[str, np.ndarray]], tolerance: Tolerance
+    ) -> list[ShippedCheck]:
+        return [check_generation_sample(pruned, manifest, samples[GENERATION_SAMPLE])]
+
+    def request_options(self, manifest: Manifest) -> dict[str, Any]:
+        generation = vlm_generation(manifest)
+        return {"prompt_len": generation.prompt.text_tokens, "max_new_tokens": generation.max_new_tokens}
+
+    def entry_specs(self, manifest: Manifest) -> dict[str, TensorSpec]:
+        pixels = next(s for s in manifest.component(VISION).inputs if s.name == PIXEL_VALUES)
+        prompt = TensorSpec(INPUT_IDS, [manifest.batch, vlm_generation(manifest).prompt.length], "int64")
+        return {PIXEL_VALUES: pixels, INPUT_IDS: prompt}
+
+    def entry_samples(self, pruned: Pruned, entry: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+        ids = prefill_ids(pruned.plan.generation(), entry[INPUT_IDS])
+        return as_arrays(chained_samples(pruned.plan, pruned.components, torch.from_numpy(entry[PIXEL_VALUES]), ids))
+
+    def verify_runs(
+        self,
+        pruned: Pruned,
+        manifest: Manifest,
+        sessions: Sessions,
+        seeds: list[int],
+        tolerance: Tolerance,
+        report: VerifyReport,
+        step: Step,
+    ) -> None:
+        with step(f"greedy generation, {pruned.plan.max_new_tokens} tokens x {len(seeds)} prompts"):
+            runs = {name: pair[0].run for name, pair in sessions.items()}
+            loop = GenerationLoop(runs, vlm_generation(manifest))
+            report.generation = check_generation(pruned, loop, seeds)
+
+    def describe(self, request: PruneRequest, source: ModelSource) -> dict[str, Any]:
+        if request.keep is None:
+            request = replace(request, keep=max(1, llava_adapter(source).image_tokens(source.config) // 4))
+        the_plan = plan_vlm(request, source)
+        return {**tower_description(the_plan), **describe_vlm(the_plan)}
+
+    def render(self, plan: dict[str, Any]) -> list[str]:
+        lines = render_tower(plan)
+        lines += [f"  tap decoder layer {tap['layer']}: {tap['reduction']}" for tap in plan["prefill_taps"]]
+        prompt = plan["prompt"]
+        lines.append(
+            f"prompt: {prompt['text_tokens']} text tokens, image at {prompt['image_start']}; the prefill sees "
+            f"{plan['prefill_length']} positions; KV cache capacity per layer {plan['cache_capacity']}"
+        )
+        lines.append(f"image tokens per decoder layer range: {render_ranges(plan['tokens_per_layer'])}")
+        pruned, full = plan["flops"]["pruned"], plan["flops"]["unpruned"]
+        for stage in ("tower", "projector", "prefill", "decode_token"):
+            lines.append(f"  {stage} GFLOPs: {full[stage] / 1e9:.3f} unpruned -> {pruned[stage] / 1e9:.3f}")
+        ideal = plan["ideal_speedup"]
+        lines.append(
+            f"FLOPs-ideal speedup: first token {ideal['first_token']:.2f}x, decode {ideal['decode_token']:.2f}x"
+        )
+        return lines
+
+
+KIND = VlmKind()
