@@ -7,9 +7,12 @@ moment, start-up included, cleans up (staging directories are removed by the exp
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import sys
 from types import FrameType
+from typing import NoReturn
 
 from tpc.flows import flow
 
@@ -30,12 +33,29 @@ def main() -> int:
     try:
         cli = flow("cli")  # imported after the handler: a SIGTERM during the imports is a clean exit too
         cli.native_output_to_log()
-        return cli.main()
-    except KeyboardInterrupt:
+        code = cli.main()  # an interrupt while a command runs: the CLI prints `aborted` and returns 130
+    except KeyboardInterrupt:  # one during the imports
         try:
             print("aborted", file=sys.stderr, flush=True)
         finally:
-            return EXIT_INTERRUPTED  # noqa: B012
+            _exit_interrupted()
+    if code == EXIT_INTERRUPTED:
+        _exit_interrupted()
+    return code
+
+
+def _exit_interrupted() -> NoReturn:
+    """Exit 130 now, the clean-up having run while the interrupt unwound. Not through `sys.exit`: an interrupt that
+    landed while an extension module ran Python code at import (PyRun_*) leaves CPython's "unhandled
+    KeyboardInterrupt" flag set even though tpc caught it, and the interpreter would then kill itself with SIGINT
+    (exit -2) instead of returning 130."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":
