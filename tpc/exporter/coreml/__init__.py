@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any
+
+from tpc.lazy import lazy_attributes
 
 _EXPORTS = {
     "CoreMLTarget": "target",
@@ -57,10 +58,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
+__getattr__ = lazy_attributes(__name__, _EXPORTS)
 
 
 if "coremltools" in sys.modules:  # imported after coremltools: the converters are available to the caller at once

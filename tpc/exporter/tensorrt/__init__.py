@@ -12,8 +12,7 @@ Names are loaded on first use, so `tpc.exporter.tensorrt.plugins` (numpy only) d
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from tpc.lazy import lazy_attributes
 
 _EXPORTS = {
     "TensorRTTarget": "target",
@@ -33,10 +32,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module '{__name__}' has no attribute '{name}'")
+__getattr__ = lazy_attributes(__name__, _EXPORTS)
 
 
 __all__ = sorted(_EXPORTS)
