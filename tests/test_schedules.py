@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from transformers import LlavaForConditionalGeneration
 
 from tpc.contract.manifest import Manifest, read_samples
 from tpc.contract.names import KEPT_INDICES
@@ -17,9 +18,10 @@ from tpc.inspect import describe
 from tpc.methods import PrefillMethod, register
 from tpc.methods.base import Param
 from tpc.methods.registry import REGISTRY
-from tpc.methods.schedule import ALL_ROWS, LAST_ROW, ROWS, Prune, Readmit, TokenSchedule
+from tpc.methods.schedule import ALL_ROWS, LAST_ROW, ROWS, SPAN_ROWS, Prune, Readmit, TapSpec, TokenSchedule
+from tpc.ops import select_indices
 from tpc.pipeline import PruneRequest, build
-from tpc.verification import kept_problems, verify
+from tpc.verification import generation_inputs, kept_problems, verify
 
 MODEL = "zoo:tiny-llava"  # 4 decoder layers, 256 image tokens
 
@@ -67,12 +69,29 @@ CLUSTER_READMIT = PrefillMethod(
 )
 
 
+SPAN_CHANGE = PrefillMethod(
+    name="test-span-change",
+    summary="test only: at layer K, how much more a text span attends to each image token than one layer earlier",
+    reference="tests/test_schedules.py",
+    priority=lambda signals, keep, params: signals.scores - signals.previous_scores,
+    transitions=lambda params, keep, n: (
+        Prune(params["layer"], keep, SPAN_ROWS, span=(params["start"], params["stop"]), previous=True),
+    ),
+    params=(
+        Param("layer", int, 3, "prune layer K (reads layers K-1 and K-2)", "decoder"),
+        Param("start", int, 291, "first prompt position of the span (tiny-llava: the text after the image)", low=0),
+        Param("stop", int, 303, "one past its last", low=1),
+    ),
+)
+TEST_METHODS = (TWO_PRUNES, CLUSTER_READMIT, SPAN_CHANGE)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def registered() -> Iterator[None]:
-    for method in (TWO_PRUNES, CLUSTER_READMIT):
+    for method in TEST_METHODS:
         register(method)
     yield
-    for method in (TWO_PRUNES, CLUSTER_READMIT):
+    for method in TEST_METHODS:
         REGISTRY.pop(method.name)
 
 
@@ -89,7 +108,7 @@ def test_schedule_layout_derives_from_transitions() -> None:
     assert schedule.tokens_per_layer(4) == (32, 256, 256, 16)
     assert schedule.lengths(47, 4) == (79, 303, 303, 63)
     assert schedule.kept_widths == (32, 16)
-    assert schedule.tapped_layers() == {2: ALL_ROWS}
+    assert schedule.tapped_layers() == {2: TapSpec(ALL_ROWS)}
     assert schedule.final_tokens == 16
     with pytest.raises(ValueError, match="keeps 300 of 256"):
         TokenSchedule(256, (Prune(1, 300),))
@@ -124,12 +143,38 @@ def test_readmitted_tokens_keep_their_frozen_state() -> None:
     assert kept_problems(rows.numpy(), 256) == ["kept_indices are not strictly ascending"]
 
 
+def test_span_rows_and_layer_change_equal_eager_attention_maps() -> None:
+    """The span tap and the previous-layer tap give what transformers' own attention maps give: the kept set of a
+    method scoring by the change of a text span's attention between layers K-2 and K-1."""
+    pruned = build(PruneRequest(MODEL, "test-span-change", 40, {}))
+    generation = pruned.plan.generation()
+    start, count = generation.prompt.image_start, generation.prompt.image_tokens
+    pixels, ids = generation_inputs(pruned, seed=2)
+    eager = LlavaForConditionalGeneration.from_pretrained(str(pruned.source.path), attn_implementation="eager").eval()
+    with torch.no_grad():
+        outputs = pruned.components["prefill"].module(*pruned.samples(seed=2)["prefill"].values())
+        maps = eager(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels), output_attentions=True)
+    span = [m[:, :, 291:303].mean(dim=(1, 2))[:, start : start + count] for m in maps.attentions]
+    want = select_indices(span[2] - span[1], 40)
+    assert torch.equal(outputs[-1], want)
+
+
+def test_a_span_after_the_image_moves_with_the_pruned_tokens() -> None:
+    layout = build(PruneRequest(MODEL, "test-two-prunes", 40, {"layer": "1"})).plan.cache
+    assert layout.span_at((291, 303), 0) == (291, 303)  # 256 image tokens at layer 0
+    assert layout.span_at((291, 303), 1) == (291 - 108, 303 - 108)  # 148 at layer 1
+    assert layout.span_at((0, 35), 3) == (0, 35)  # before the image: never moves
+    with pytest.raises(ValueError, match="not a span of text tokens"):
+        layout.span_at((30, 40), 0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "params", "per_layer"),
     [
         ("test-two-prunes", {"layer": "1", "first": "0.5"}, (256, 148, 40, 40)),
         ("test-cluster-readmit", {"representatives": "32", "readmit": "1", "prune": "3"}, (32, 256, 256, 40)),
+        ("test-span-change", {}, (256, 256, 256, 40)),
     ],
 )
 def test_schedule_methods_export_to_onnx_and_verify(tmp_path, method, params, per_layer) -> None:
@@ -139,8 +184,8 @@ def test_schedule_methods_export_to_onnx_and_verify(tmp_path, method, params, pe
     manifest = Manifest.read(tmp_path / "out")
     text = manifest.generation.prompt.text_tokens
     assert list(manifest.generation.cache.lengths_after_prefill) == [text + n for n in per_layer]
-    runs = [32, 40] if method == "test-cluster-readmit" else [148, 40]
-    assert manifest.tokens["kept_runs"] == runs
+    runs = {"test-cluster-readmit": [32, 40], "test-two-prunes": [148, 40], "test-span-change": [40]}[method]
+    assert manifest.tokens.get("kept_runs", runs) == runs
     kept = read_samples(tmp_path / "out", "prefill", "expected.npz")[KEPT_INDICES]
     assert kept.shape == (1, sum(runs)) and np.all(kept < 256)
     ranges = describe(request)["tokens_per_layer"]

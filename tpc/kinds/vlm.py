@@ -45,7 +45,7 @@ from tpc.kinds.checks import array_problems, first_difference
 from tpc.kinds.encoder import render_tower, tower_description
 from tpc.methods import PrefillMethod, VisionMethod, get_method
 from tpc.methods import none as no_pruning
-from tpc.methods.schedule import ALL_ROWS, LAST_ROW, Prune, TokenSchedule
+from tpc.methods.schedule import ALL_ROWS, LAST_ROW, SPAN_ROWS, Prune, TokenSchedule
 from tpc.models_zoo import LlavaAdapter, ModelSource
 from tpc.passes.decoder import DecoderLayout, ScheduledDecoder
 from tpc.passes.prune_vision import PrunedVisionEncoder, VisionCut
@@ -327,7 +327,11 @@ def check_generation_sample(pruned: Pruned, manifest: Manifest, sample: dict[str
     return ShippedCheck(name, not problems, "; ".join(problems[:4]))
 
 
-ROW_REDUCTIONS = {LAST_ROW: "last prompt token's row, head mean", ALL_ROWS: "all prompt rows' mean, head mean"}
+ROW_REDUCTIONS = {
+    LAST_ROW: "last prompt token's row, head mean",
+    ALL_ROWS: "all prompt rows' mean, head mean",
+    SPAN_ROWS: "the mean of prompt rows {span}, head mean",
+}
 
 
 def schedule_point(schedule: TokenSchedule) -> str:
@@ -345,8 +349,12 @@ def schedule_point(schedule: TokenSchedule) -> str:
 def schedule_taps(schedule: TokenSchedule) -> list[dict[str, Any]]:
     """The decoder taps a schedule's prunes read."""
     return [
-        {"layer": layer, "stack": "decoder", "reduction": ROW_REDUCTIONS[rows]}
-        for layer, rows in schedule.tapped_layers().items()
+        {
+            "layer": layer,
+            "stack": "decoder",
+            "reduction": ROW_REDUCTIONS[spec.rows].format(span=spec.span and f"{spec.span[0]}..{spec.span[1] - 1}"),
+        }
+        for layer, spec in schedule.tapped_layers().items()
     ]
 
 

@@ -207,6 +207,8 @@ class PrefillSignals:
     image_embeds: Tensor  # (B, N_p, D) their LLM input embeddings (layer 0's input)
     guide: Tensor | None = None  # (B, N_p) a stateful method's guide from earlier control steps
     hidden: Tensor | None = None  # (B, N_p, D) their hidden states entering layer K
+    previous_scores: Tensor | None = None  # (B, N_p) the same reduction at layer K-2 (`Prune.previous`)
+    context: Tensor | None = None  # (B, L, D) the whole sequence's hidden states entering layer K (text included)
 
 
 @dataclass(frozen=True)

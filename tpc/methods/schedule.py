@@ -23,8 +23,10 @@ if TYPE_CHECKING:
 
     from tpc.methods.base import PrefillSignals
 
-LAST_ROW, ALL_ROWS = "last-row", "all-rows"  # which query rows of the tapped layer's attention a prune scores with
-ROWS = (LAST_ROW, ALL_ROWS)
+# which query rows of the tapped layer's attention a prune scores with: the last prompt token's, every row's mean,
+# or the mean of a token span's rows (`Prune.span`)
+LAST_ROW, ALL_ROWS, SPAN_ROWS = "last-row", "all-rows", "span-rows"
+ROWS = (LAST_ROW, ALL_ROWS, SPAN_ROWS)
 FROZEN = "frozen"  # a re-admitted token's hidden state: the one it had when it was dropped
 
 
@@ -33,14 +35,18 @@ class Prune:
     """At decoder layer `layer` (0-based), keep `keep` of the image tokens present.
 
     The priorities come from `priority` (None: the method's own) over `PrefillSignals` whose `scores` are the
-    attention of layer `layer - 1` reduced by `rows` (zeros at layer 0, where nothing was tapped yet) and whose
-    `hidden` are the present image tokens' hidden states entering the layer.
+    attention of layer `layer - 1` reduced by `rows` (zeros at layer 0, where nothing was tapped yet; with `rows`
+    SPAN_ROWS, the mean of the query rows `span` = (start, stop) of the prompt, in its original positions, a span of
+    text tokens), `previous_scores` the same reduction of layer `layer - 2` when `previous` (the change between two
+    layers), `hidden` the present image tokens' hidden states entering the layer and `context` the whole sequence's.
     """
 
     layer: int
     keep: int
     rows: str = LAST_ROW
     priority: Callable[[PrefillSignals, int, dict[str, Any]], Tensor] | None = None
+    span: tuple[int, int] | None = None
+    previous: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,14 @@ class Readmit:
 
 
 Transition = Prune | Readmit
+
+
+@dataclass(frozen=True)
+class TapSpec:
+    """What one decoder layer's tap reduces its attention to: which query rows (and the span's, if rows say so)."""
+
+    rows: str
+    span: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,10 @@ class TokenSchedule:
                     )
                 if transition.rows not in ROWS:
                     raise ValueError(f"unknown attention rows {transition.rows!r}; valid: {', '.join(ROWS)}")
+                if (transition.rows == SPAN_ROWS) != (transition.span is not None):
+                    raise ValueError(f"the prune at layer {transition.layer}: a span goes with rows={SPAN_ROWS}")
+                if transition.layer < (2 if transition.previous else 0):
+                    raise ValueError(f"the prune at layer {transition.layer} has no two layers before it to compare")
                 present = transition.keep
             else:
                 present = self.image_tokens
@@ -136,9 +154,18 @@ class TokenSchedule:
         """Each layer's prompt length: its KV cache after the prefill."""
         return tuple(text_tokens + n for n in self.tokens_per_layer(num_layers))
 
-    def tapped_layers(self) -> dict[int, str]:
-        """Layer -> attention rows, for each prune that reads the layer before it."""
-        return {p.layer - 1: p.rows for p in self.prunes if p.layer > 0}
+    def tapped_layers(self) -> dict[int, TapSpec]:
+        """Layer -> the reduction its tap computes, for each prune that reads the layer (or two) before it; one
+        reduction per layer (two prunes asking one layer for different rows is an error)."""
+        taps: dict[int, TapSpec] = {}
+        for prune in self.prunes:
+            spec = TapSpec(prune.rows, prune.span)
+            for layer in (prune.layer - 1, prune.layer - 2) if prune.previous else (prune.layer - 1,):
+                if layer < 0:
+                    continue
+                if taps.setdefault(layer, spec) != spec:
+                    raise ValueError(f"two prunes read layer {layer}'s attention by different rows")
+        return taps
 
     def describe(self, num_layers: int) -> list[RangeDescription]:
         """`tpc inspect`'s tokens per layer range."""

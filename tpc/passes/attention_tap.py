@@ -124,7 +124,46 @@ class LastRowAttention:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
 
 
-Tap = ReceivedAttention | LastRowAttention
+class SpanAttention:
+    """Tap: mean over heads and over the query rows `start..stop-1` of the causal softmax(QK^T * scale), per key ->
+    (B, N_keys): what the rows of a token span (a question, a shot's text) attend to. The layer runs on SDPA; only
+    the span's rows of probabilities are computed. A decode step (one query) is not scored.
+    """
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop = start, stop
+        self.value: Tensor | None = None
+
+    def latest(self) -> Tensor:
+        """The last prompt forward's reduction (the layer ran before anyone reads it)."""
+        if self.value is None:
+            raise RuntimeError("the tapped layer has not run yet")
+        return self.value
+
+    def __call__(
+        self,
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        scaling: float,
+    ) -> tuple[Tensor, Tensor | None]:
+        queries, keys = query.shape[2], key.shape[2]
+        if queries == 1:
+            return _sdpa(module, query, key, value, attention_mask, scaling=scaling)
+        groups = query.shape[1] // key.shape[1]
+        keys_repeated = repeat_kv(key, groups) if groups > 1 else key
+        rows = query[:, :, self.start : self.stop]
+        logits = torch.matmul(rows, keys_repeated.transpose(-1, -2)) * scaling
+        # query i sits at key position keys - queries + i, and sees the keys up to it
+        positions = torch.arange(self.start, self.stop, device=query.device) + keys - queries
+        logits = logits.masked_fill(torch.arange(keys, device=query.device) > positions[:, None], float("-inf"))
+        self.value = torch.softmax(logits, dim=-1, dtype=torch.float32).mean(dim=(1, 2))
+        return _sdpa(module, query, key, value, attention_mask, scaling=scaling)
+
+
+Tap = ReceivedAttention | LastRowAttention | SpanAttention
 
 
 def _tap_or_sdpa(
@@ -148,7 +187,7 @@ AttentionInterface.register(TAP_IMPLEMENTATION, _tap_or_sdpa)
 _sdpa: Callable[..., tuple[Tensor, Tensor | None]] = sdpa_attention_forward
 
 
-T = TypeVar("T", bound=ReceivedAttention | LastRowAttention)
+T = TypeVar("T", bound=ReceivedAttention | LastRowAttention | SpanAttention)
 
 
 def insert_taps(attention_modules: Mapping[int, Any], make_tap: Callable[[], T]) -> dict[int, T]:

@@ -24,10 +24,10 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from tpc.methods.base import PrefillMethod, PrefillSignals
-from tpc.methods.schedule import ALL_ROWS, Prune, TokenSchedule, Transition
+from tpc.methods.schedule import ALL_ROWS, SPAN_ROWS, Prune, TapSpec, TokenSchedule, Transition
 from tpc.models_zoo.llava import DecoderParts
 from tpc.ops import gather_tokens, select_indices
-from tpc.passes.attention_tap import LastRowAttention, ReceivedAttention, Tap, attach_tap
+from tpc.passes.attention_tap import LastRowAttention, ReceivedAttention, SpanAttention, Tap, attach_tap
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,16 @@ class DecoderLayout:
     def next_position(self) -> int:
         """Position id of the first decoded token: original positions are kept, so the prefill's full length."""
         return self.prefill_tokens
+
+    def span_at(self, span: tuple[int, int], layer: int) -> tuple[int, int]:
+        """A span of text tokens (start, stop in the prompt the prefill receives) where it sits at `layer`: after
+        the image, it moves with the image tokens present there."""
+        start, stop = span
+        image_end = self.image_start + self.image_tokens
+        if not 0 <= start < stop <= self.prefill_tokens or (start < image_end and stop > self.image_start):
+            raise ValueError(f"the span {span} is not a span of text tokens of the {self.prefill_tokens}-token prompt")
+        shift = self.schedule.tokens_per_layer(self.num_layers)[layer] - self.image_tokens if start >= image_end else 0
+        return start + shift, stop + shift
 
     def flops(self, decoder: Any, decode_tokens: int = 1) -> tuple[int, int]:
         """(prefill, decode) 2x multiply-adds: every layer at its own length (causal: on average half the prompt
@@ -121,8 +131,14 @@ class _StaticCache:
         return self.present[layer_idx]
 
 
-def _score_tap(rows: str) -> Tap:
-    return ReceivedAttention(causal=True) if rows == ALL_ROWS else LastRowAttention()
+def _score_tap(spec: TapSpec, layout: DecoderLayout, layer: int) -> Tap:
+    """The tap computing `spec`'s reduction at `layer` (a span is placed where its tokens sit at that layer)."""
+    if spec.rows == ALL_ROWS:
+        return ReceivedAttention(causal=True)
+    if spec.rows == SPAN_ROWS:
+        assert spec.span is not None  # the schedule checks a span goes with these rows
+        return SpanAttention(*layout.span_at(spec.span, layer))
+    return LastRowAttention()
 
 
 class ScheduledDecoder(nn.Module):
@@ -147,8 +163,8 @@ class ScheduledDecoder(nn.Module):
         self.num_layers = layout.num_layers
         layers = adapter.decoder_layers(model)
         self.taps: dict[int, Tap] = {}
-        for layer, rows in layout.schedule.tapped_layers().items():
-            self.taps[layer] = attach_tap(layers[layer].self_attn, _score_tap(rows))
+        for layer, spec in layout.schedule.tapped_layers().items():
+            self.taps[layer] = attach_tap(layers[layer].self_attn, _score_tap(spec, layout, layer))
         self.transitions: dict[int, list[Transition]] = {}
         for transition in layout.schedule.transitions:
             self.transitions.setdefault(transition.layer, []).append(transition)
@@ -201,7 +217,7 @@ class ScheduledDecoder(nn.Module):
                     if forced_indices is not None:
                         kept = forced_indices[:, offset : offset + transition.keep]
                     else:
-                        kept = self._select(transition, index, image, present, all_present, image_embeds, guide)
+                        kept = self._select(transition, index, image, present, all_present, image_embeds, guide, hidden)
                     offset += transition.keep
                     # where each kept token sits among the present ones (present is ascending)
                     local = kept if all_present else (present[:, None, :] < kept[:, :, None]).sum(dim=-1)
@@ -227,15 +243,17 @@ class ScheduledDecoder(nn.Module):
         all_present: bool,
         image_embeds: Tensor,
         guide: Tensor | None,
+        context: Tensor,
     ) -> Tensor:
         """The kept tokens of one prune, as original image-token indices (ascending)."""
         start, count = self.layout.image_start, present.shape[1]
         tapped = self.taps[layer - 1].latest() if layer > 0 else None  # layer 0: nothing was tapped yet
         scores = tapped[:, start : start + count] if tapped is not None else image.new_zeros(present.shape)
+        previous = self.taps[layer - 2].latest()[:, start : start + count] if prune.previous else None
         embeds = image_embeds if all_present else gather_tokens(image_embeds, present)
         if guide is not None and not all_present:
             guide = guide.gather(1, present)
-        signals = PrefillSignals(scores, embeds, guide, image)
+        signals = PrefillSignals(scores, embeds, guide, image, previous, context)
         method_priority = self.method.priority if self.method is not None else None
         priority = prune.priority or method_priority
         if priority is None:
