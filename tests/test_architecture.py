@@ -33,6 +33,44 @@ def test_no_function_local_import_of_a_tpc_module() -> None:
     assert found == []
 
 
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_cycle_among_tpc_modules() -> None:
+    """Counting every import statement, `TYPE_CHECKING` ones included: import-linter's layers say nothing about two
+    modules of one layer importing each other."""
+    modules = {_module_name(path): path for path in _modules()}
+
+    def target(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            imported = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                imported = [a.name for a in node.names]
+            graph[name] |= {t for n in imported if n.split(".")[0] == "tpc" and (t := target(n)) not in (None, name)}
+    cycles = []
+    for start in graph:  # a cycle through `start`: a path from one of its imports back to it
+        seen, frontier = set(), list(graph[start])
+        while frontier:
+            module = frontier.pop()
+            if module == start:
+                cycles.append(start)
+                break
+            if module not in seen:
+                seen.add(module)
+                frontier.extend(graph[module])
+    assert cycles == []
+
+
 def test_no_branch_on_a_kind_name_outside_the_kinds() -> None:
     """`x == "vlm"`, `kind in ("vla", ...)`, `match`-free: a comparison with a kind's name is the kinds' business."""
     found = []

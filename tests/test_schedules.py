@@ -185,7 +185,7 @@ def test_schedule_methods_export_to_onnx_and_verify(tmp_path, method, params, pe
     text = manifest.generation.prompt.text_tokens
     assert list(manifest.generation.cache.lengths_after_prefill) == [text + n for n in per_layer]
     runs = {"test-cluster-readmit": [32, 40], "test-two-prunes": [148, 40], "test-span-change": [40]}[method]
-    assert manifest.tokens.get("kept_runs", runs) == runs
+    assert manifest.tokens.get("kept_runs") == (runs if len(runs) > 1 else None)  # recorded when there are several
     kept = read_samples(tmp_path / "out", "prefill", "expected.npz")[KEPT_INDICES]
     assert kept.shape == (1, sum(runs)) and np.all(kept < 256)
     ranges = describe(request)["tokens_per_layer"]

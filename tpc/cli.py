@@ -534,7 +534,7 @@ def inspect(
         return
 
     request = flow("build").PruneRequest(model, method, keep, _parse_params(param or []), "fp32", batch, prompt_len)
-    plan, lines = flow("inspect").describe(request), flow("inspect").render_plan(request)
+    plan, lines = flow("inspect").describe_and_render(request)
     _write_json(json_path, plan)
     for line in lines:
         out.print(line)

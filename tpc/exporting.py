@@ -22,7 +22,7 @@ from torch import nn
 from tpc.contract.manifest import ComponentSpec, Manifest, TensorSpec, write_samples
 from tpc.contract.names import KEPT_INDICES, PREFILL, stage_method
 from tpc.errors import RuntimeUnavailable, UsageError, VerificationFailed
-from tpc.exporter import ExportPart, get_target, runtime_for
+from tpc.exporter import ExportPart, get_target
 from tpc.exporter.base import Artifact, Target
 from tpc.kinds.base import Kind
 from tpc.models_zoo import ZOO_PREFIX
@@ -103,12 +103,10 @@ def _program_parts(
     return programs, forced_programs
 
 
-def _manifest(
-    pruned: Pruned, kind: Kind, target_name: str, components: list[ComponentSpec], versions: dict
-) -> Manifest:
-    plan = pruned.plan
+def _manifest(job: _Job, components: list[ComponentSpec], versions: dict[str, str]) -> Manifest:
+    pruned, kind, plan = job.pruned, job.kind, job.pruned.plan
     geometry = pruned.source.geometry
-    runtime = runtime_for(target_name)
+    runtime = RUNTIMES[job.exporter.runtime]
     runs = plan.kept_widths
     return Manifest(
         model={
@@ -120,7 +118,7 @@ def _manifest(
         method=pruned.method.name,
         keep=pruned.keep,
         params=pruned.params,
-        target=target_name,
+        target=job.exporter.name,
         dtype=pruned.request.dtype,
         batch=pruned.request.batch,
         components=components,
@@ -182,18 +180,31 @@ def export(
     what = "(the unpruned baseline)" if request.method == "none" else f"and insert the {request.method} prune point"
     with step(f"load {request.model} {what}"):
         pruned = build(request)  # plan (every check before any weights load) -> build
-    kind = kind_for(pruned.source)
     staging = staging_dir(output)
     try:
         first_inputs = as_arrays(pruned.samples(seed=0))
         expected = {name: eager_outputs(c, first_inputs[name]) for name, c in pruned.components.items()}
-        lowered = _lower(pruned, kind, exporter, first_inputs, expected, staging, step)
-        manifest = _write(pruned, kind, exporter, lowered, first_inputs, expected, staging, bundle, step)
+        job = _Job(pruned, kind_for(pruned.source), exporter, first_inputs, expected, staging, step)
+        manifest = _write(job, _lower(job), bundle)
         report, skipped = _verify(manifest, pruned, staging, run_verify, samples, step)
         commit(staging, output, force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(output, manifest, report, skipped)
+
+
+@dataclass
+class _Job:
+    """One export under way: the built model, its kind, the target, the first sample's eager inputs and outputs
+    per component, and the staging directory it is written into."""
+
+    pruned: Pruned
+    kind: Kind
+    exporter: Target
+    inputs: dict[str, dict[str, np.ndarray]]
+    expected: dict[str, dict[str, np.ndarray]]
+    staging: Path
+    step: Step
 
 
 @dataclass
@@ -205,23 +216,16 @@ class Lowered:
     staged: dict[str, dict[str, StagePart]]
 
 
-def _lower(
-    pruned: Pruned,
-    kind: Kind,
-    exporter: Target,
-    first_inputs: dict[str, dict[str, np.ndarray]],
-    expected: dict[str, dict[str, np.ndarray]],
-    staging: Path,
-    step: Step,
-) -> Lowered:
+def _lower(job: _Job) -> Lowered:
     """Each component (or its stages, for targets that lower a policy step per stage) through the target; the
     selecting ones also teacher-forced, where the runtime cannot cut a compiled graph at kept_indices."""
+    pruned, kind, exporter, staging, step = job.pruned, job.kind, job.exporter, job.staging, job.step
     parts = {
-        name: ExportPart(component.module, _tensors(first_inputs[name]), component.output_names)
+        name: ExportPart(component.module, _tensors(job.inputs[name]), component.output_names)
         for name, component in pruned.components.items()
     }
     cuts = RUNTIMES[exporter.runtime].cuts_outputs
-    forced_parts = {} if cuts else teacher_forced_parts(pruned, first_inputs, expected)
+    forced_parts = {} if cuts else teacher_forced_parts(pruned, job.inputs, job.expected)
     staged = kind.stages(parts) if exporter.lowers_policies_per_stage else {}
     programs, forced_programs = _program_parts(kind, parts, forced_parts, staged)
     with step(f"export {', '.join(programs)} to {exporter.name}"):
@@ -233,19 +237,13 @@ def _lower(
     return Lowered(artifacts, forced, staged)
 
 
-def _write(
-    pruned: Pruned,
-    kind: Kind,
-    exporter: Target,
-    lowered: Lowered,
-    first_inputs: dict[str, dict[str, np.ndarray]],
-    expected: dict[str, dict[str, np.ndarray]],
-    staging: Path,
-    bundle: bool,
-    step: Step,
-) -> Manifest:
+def _write(job: _Job, lowered: Lowered, bundle: bool) -> Manifest:
     """Samples (each program's, then the kind's own), the manifest with every file's hash, the optional bundle."""
+    staging, exporter = job.staging, job.exporter
     versions: dict[str, str] = {}
+
+    def tensors(arrays: dict[str, np.ndarray]) -> list[TensorSpec]:
+        return [TensorSpec.of(n, a) for n, a in arrays.items()]
 
     def spec_for(name: str, inputs: dict, outputs: dict) -> ComponentSpec:
         artifact = lowered.artifacts[name]
@@ -254,37 +252,31 @@ def _write(
         return ComponentSpec(
             name,
             artifact.path,
-            [TensorSpec.of(n, a) for n, a in inputs.items()],
-            [TensorSpec.of(n, a) for n, a in outputs.items()],
+            tensors(inputs),
+            tensors(outputs),
             artifact.graph,
             method=artifact.method,
             teacher_forced=lowered.forced[name].path if name in lowered.forced else None,
         )
 
     specs = []
-    for name in pruned.components:
+    for name in job.pruned.components:
+        inputs, expected = job.inputs[name], job.expected[name]
         if name not in lowered.staged:
-            specs.append(spec_for(name, first_inputs[name], expected[name]))
+            specs.append(spec_for(name, inputs, expected))
             continue
         stages = [
             spec_for(stage_method(name, stage), _arrays(part.part.inputs), _arrays(part.expected))
             for stage, part in lowered.staged[name].items()
         ]
-        write_samples(staging, name, first_inputs[name], expected[name])
-        step_spec = ComponentSpec(
-            name,
-            stages[0].artifact,
-            [TensorSpec.of(n, a) for n, a in first_inputs[name].items()],
-            [TensorSpec.of(n, a) for n, a in expected[name].items()],
-            stages=stages,
-        )
-        specs.append(step_spec)
-    manifest = _manifest(pruned, kind, exporter.name, specs, versions)
+        write_samples(staging, name, inputs, expected)
+        specs.append(ComponentSpec(name, stages[0].artifact, tensors(inputs), tensors(expected), stages=stages))
+    manifest = _manifest(job, specs, versions)
     if lowered.staged:
-        kind.record_stages(manifest)
-    kind.write_samples(staging, pruned)
+        job.kind.record_stages(manifest)
+    job.kind.write_samples(staging, job.pruned)
     if bundle:
-        with step(f"write {exporter.bundle}"):
+        with job.step(f"write {exporter.bundle}"):
             exporter.write_bundle(staging, manifest)
     manifest.write(staging)  # records the sha256 of every file written so far
     return manifest

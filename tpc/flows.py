@@ -10,7 +10,7 @@ FLOWS = {
     "export": "tpc.exporting",  # export(request, target, output, ...)
     "verify": "tpc.verification",  # verify(directory, ...)
     "profile": "tpc.profiling",  # profile(directory, ...)
-    "inspect": "tpc.inspect",  # describe(request), render_plan(request), describe_export(directory)
+    "inspect": "tpc.inspect",  # describe(request), describe_and_render(request), describe_export(directory)
     "build": "tpc.pipeline",  # PruneRequest, plan(request), build(request)
     "targets": "tpc.exporter",  # option_specs(), PARAM_OPTIONS: the targets' options, for `tpc export`'s flags
     "etdump": "tpc.runtimes.executorch.etdump",  # etdump_report(pte, etdump)

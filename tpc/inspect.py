@@ -18,17 +18,16 @@ from tpc.pipeline import PruneRequest, kind_for
 def describe(request: PruneRequest) -> dict[str, Any]:
     """The plan as plain data (the CLI renders it; `--json` writes it). Without a keep, plans a quarter of the
     visual tokens, so a user can see the plan before choosing a budget."""
-    check_common(request)
-    source = resolve(request.model)
-    return kind_for(source).describe(request, source)
+    return describe_and_render(request)[0]
 
 
-def render_plan(request: PruneRequest) -> list[str]:
-    """`describe` as the lines `tpc inspect` prints (rich markup), worded by the model's kind."""
+def describe_and_render(request: PruneRequest) -> tuple[dict[str, Any], list[str]]:
+    """`describe`, and the lines `tpc inspect` prints for it (rich markup), worded by the model's kind."""
     check_common(request)
     source = resolve(request.model)
     kind = kind_for(source)
-    return kind.render(kind.describe(request, source))
+    plan = kind.describe(request, source)
+    return plan, kind.render(plan)
 
 
 def describe_export(directory: Path) -> dict[str, Any]:

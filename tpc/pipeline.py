@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from tpc.kinds import kind_named
 from tpc.kinds.base import (
     DTYPES,
     MAX_BATCH,
@@ -25,6 +24,7 @@ from tpc.kinds.base import (
     check_positions,
     eager_outputs,
     estimated_bytes,
+    kind_named,
     seeded_pixels,
 )
 from tpc.kinds.encoder import EncoderPlan, Plan

@@ -98,8 +98,6 @@ class GenerationProtocol(Record):
     decoder_layers: int
     cache: CacheSpec
     protocol: str  # the step protocol in words
-    # the decoder's vocabulary size; tpc does not write it (the prefill graph's logits say it), a runtime honours it
-    vocab_size: int | None = field(default=None, metadata=OPTIONAL_KEY)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GenerationProtocol:
@@ -112,7 +110,6 @@ class GenerationProtocol(Record):
             decoder_layers=data["decoder_layers"],
             cache=CacheSpec.from_dict(data["cache"]),
             protocol=data["protocol"],
-            vocab_size=data.get("vocab_size"),
         )
 
 
@@ -233,8 +230,6 @@ class PolicyProtocol(Record):
     protocol: str  # the step protocol in words
     # a staged export (ExecuTorch): how each graph's prefill and decode methods make one step
     stages: str | None = field(default=None, metadata=OPTIONAL_KEY)
-    # the highest prompt id + 1; tpc does not write it (action_vocab_size bounds the ids), a runtime honours it
-    vocab_size: int | None = field(default=None, metadata=OPTIONAL_KEY)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PolicyProtocol:
@@ -253,7 +248,6 @@ class PolicyProtocol(Record):
             graphs=dict(data["graphs"]),
             protocol=data["protocol"],
             stages=data.get("stages"),
-            vocab_size=data.get("vocab_size"),
         )
 
     def to_dict(self) -> dict[str, Any]:

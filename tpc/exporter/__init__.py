@@ -1,9 +1,9 @@
 """Targets, one module or package each (`onnx`, `tensorrt/`, `executorch/`, `coreml`), in a registry.
 
-The package itself imports nothing heavy (numpy, through the runtimes' registry). The targets, which need torch,
-load on first use of `TARGETS`, `PARAM_OPTIONS`, `option_specs`, `get_target` or the base classes. Each target
-declares its options as a `TargetOptions` dataclass (`Target.Options`); `option_specs` is what the CLI builds
-its flags and `--param` names from.
+The package itself imports nothing heavy; the targets, which need torch, load on first use of `TARGETS`,
+`PARAM_OPTIONS`, `option_specs`, `get_target` or the base classes. Each target declares its options as a
+`TargetOptions` dataclass (`Target.Options`); `option_specs` is what the CLI builds its flags and `--param`
+names from.
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from tpc.errors import unknown_name
 from tpc.exporter.options import OptionSpec, TargetOptions
-from tpc.runtimes.base import runtime_named
 
 if TYPE_CHECKING:
     from tpc.exporter.base import Target
-    from tpc.runtimes.base import Runtime
 
 # name -> (module, class): the order is the order `--help` and errors list them in
 _TARGET_CLASSES = {
@@ -80,13 +78,6 @@ def get_target(name: str, **options: Any) -> Target:
     return _target(name)(**options)  # `Target.__init__` -> `Options.parse`, the one place options are checked
 
 
-def runtime_for(target_name: str) -> type[Runtime]:
-    """The runtime that runs a target's artifact; a clear error if the target's extra is not installed."""
-    target = get_target(target_name)
-    target.check_installed()
-    return runtime_named(target.runtime)
-
-
 __all__ = [
     "PARAM_OPTIONS",
     "TARGETS",
@@ -98,6 +89,5 @@ __all__ = [
     "TargetOptions",
     "get_target",
     "option_specs",
-    "runtime_for",
     "target_options",
 ]

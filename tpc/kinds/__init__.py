@@ -1,79 +1,11 @@
 """Model kinds: an encoder, a VLM, a policy. Each is one module behind one protocol (`tpc.kinds.base.Kind`).
 
-This package is the registry: one light record per kind (its name, its module, the methods it takes), so listing
+`tpc.kinds.registry` holds one light record per kind (its name, its module, the methods it takes), so listing
 (`tpc methods`) and planning ask which methods a kind takes without importing torch. The kind's module is imported
-when it is used (`kind_named`). A model family states its kind's name (`Adapter.kind`); an export directory is of
-the kind whose manifest section it has (`kind_of`).
+when it is used (`tpc.kinds.base.kind_named`). A model family states its kind's name (`Adapter.kind`); an export
+directory is of the kind whose manifest section it has (`tpc.kinds.base.kind_of`).
 """
 
-from __future__ import annotations
+from tpc.kinds.registry import KINDS, KindRecord, accepts_method, record_of
 
-import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from tpc.methods.base import Method, PrefillMethod, VisionMethod
-
-if TYPE_CHECKING:
-    from tpc.contract.manifest import Manifest
-    from tpc.kinds.base import Kind
-
-
-@dataclass(frozen=True)
-class KindRecord:
-    name: str
-    module: str  # the module whose `KIND` implements the protocol, imported when used
-    what: str  # "an encoder", ... (error lines)
-    accepts: Callable[[Method], bool]  # the methods a model of this kind is pruned by
-    section: str | None  # the tpc.json section an export of this kind has (None: neither generation nor policy)
-    # the components whose summed time is `tpc profile`'s headline, from an export's component names
-    headline: Callable[[list[str]], tuple[str, ...]]
-
-
-KINDS: dict[str, KindRecord] = {
-    record.name: record
-    for record in (
-        # vision-side methods: an encoder has no decoder to prune in
-        KindRecord("encoder", "tpc.kinds.encoder", "an encoder", lambda m: isinstance(m, VisionMethod), None, tuple),
-        # vision-side methods, and decoder schedules that need no state from earlier control steps
-        KindRecord(
-            "vlm",
-            "tpc.kinds.vlm",
-            "a VLM",
-            lambda m: isinstance(m, VisionMethod) or (isinstance(m, PrefillMethod) and not m.stateful),
-            "generation",
-            lambda names: ("vision", "prefill"),  # the time to first token
-        ),
-        # decoder schedules (VLA-Pruner, FastV) and the unpruned baseline: the towers are not pruned
-        KindRecord(
-            "vla",
-            "tpc.kinds.policy",
-            "a policy",
-            lambda m: isinstance(m, PrefillMethod) or not m.prunes,
-            "policy",
-            # the steady-state control step: a stateful policy's pruned graph (its warm-up steps are `window`)
-            lambda names: ("pruned",) if "pruned" in names else tuple(names),
-        ),
-    )
-}
-
-
-def accepts_method(kind: str, method: Method) -> bool:
-    """Whether a model of this kind is pruned by `method`, from the method's light record."""
-    return KINDS[kind].accepts(method)
-
-
-def kind_named(name: str) -> Kind:
-    return importlib.import_module(KINDS[name].module).KIND
-
-
-def record_of(manifest: Manifest) -> KindRecord:
-    """The kind of an export, light: the one whose manifest section it has."""
-    sectioned = [r for r in KINDS.values() if r.section is not None and getattr(manifest, r.section) is not None]
-    return sectioned[0] if sectioned else next(r for r in KINDS.values() if r.section is None)
-
-
-def kind_of(manifest: Manifest) -> Kind:
-    """The kind of an export (imports its module)."""
-    return kind_named(record_of(manifest).name)
+__all__ = ["KINDS", "KindRecord", "accepts_method", "record_of"]

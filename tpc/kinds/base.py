@@ -10,6 +10,7 @@ kind; nothing else branches on which kind a model is (`tpc.kinds.KINDS` is the r
 
 from __future__ import annotations
 
+import importlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -26,7 +27,7 @@ from tpc.contract.names import SINGLE, Session
 from tpc.contract.report import ShippedCheck, Tolerance, VerifyReport
 from tpc.errors import UsageError
 from tpc.exporter.base import ExportPart
-from tpc.kinds import KindRecord, accepts_method
+from tpc.kinds.registry import KINDS, accepts_method, record_of
 from tpc.methods import REGISTRY, Method
 from tpc.models_zoo import Adapter, ModelSource, PromptLayout
 from tpc.models_zoo.llava import DecoderGeometry
@@ -317,8 +318,6 @@ class Kind(ABC, Generic[PlanT]):
     """One kind of model: everything the flows ask of it (see the module docstring). The hooks a kind without a
     loop or stages does not need (an encoder's samples, a VLM's stages) default to nothing."""
 
-    record: KindRecord
-
     @abstractmethod
     def plan(self, request: PruneRequest, source: ModelSource) -> PlanT:
         """Validate a request into the kind's typed plan, before any weights load (one UsageError line each)."""
@@ -394,3 +393,14 @@ class Kind(ABC, Generic[PlanT]):
     def record_stages(self, manifest: Manifest) -> None:
         """Say in the kind's manifest section how the staged programs make one component."""
         return None
+
+
+def kind_named(name: str) -> Kind[Any]:
+    """The kind registered as `name` (`tpc.kinds.KINDS`), its module imported on first use."""
+    kind: Kind[Any] = importlib.import_module(KINDS[name].module).KIND
+    return kind
+
+
+def kind_of(manifest: Manifest) -> Kind[Any]:
+    """The kind of an export: the one whose manifest section it has."""
+    return kind_named(record_of(manifest).name)

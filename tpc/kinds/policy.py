@@ -32,7 +32,6 @@ from tpc.contract.protocols import (
 from tpc.contract.report import Diff, EpisodeCheck, ShippedCheck, Tolerance, VerifyReport
 from tpc.errors import UsageError
 from tpc.exporter.base import ExportPart
-from tpc.kinds import KINDS
 from tpc.kinds.base import (
     DTYPES,
     Component,
@@ -427,8 +426,6 @@ def describe_policy(request: PruneRequest, source: ModelSource) -> dict[str, Any
 
 
 class PolicyKind(Kind[VlaPlan]):
-    record = KINDS["vla"]
-
     def plan(self, request: PruneRequest, source: ModelSource) -> VlaPlan:
         return plan_vla(request, source)
 

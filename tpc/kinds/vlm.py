@@ -22,7 +22,6 @@ from tpc.contract.names import INPUT_IDS, PIXEL_VALUES, VISION
 from tpc.contract.protocols import CacheSpec, GenerationProtocol, PrefillSpec, PromptSpec
 from tpc.contract.report import GenerationCheck, ShippedCheck, Tolerance, VerifyReport
 from tpc.errors import UsageError
-from tpc.kinds import KINDS
 from tpc.kinds.base import (
     DTYPES,
     Component,
@@ -42,7 +41,7 @@ from tpc.kinds.base import (
     split_params,
 )
 from tpc.kinds.checks import array_problems, first_difference
-from tpc.kinds.encoder import render_tower, tower_description
+from tpc.kinds.tower import render_tower, tower_description
 from tpc.methods import PrefillMethod, VisionMethod, get_method
 from tpc.methods import none as no_pruning
 from tpc.methods.schedule import ALL_ROWS, LAST_ROW, SPAN_ROWS, Prune, TokenSchedule
@@ -396,8 +395,6 @@ def describe_vlm(the_plan: VlmPlan) -> dict[str, Any]:
 
 
 class VlmKind(Kind[VlmPlan]):
-    record = KINDS["vlm"]
-
     def plan(self, request: PruneRequest, source: ModelSource) -> VlmPlan:
         return plan_vlm(request, source)
 

@@ -12,8 +12,9 @@ import importlib
 from types import ModuleType
 
 from tpc.errors import unknown_name
-from tpc.methods.base import Method, Param, PrefillMethod, PrefillSignals, VisionMethod, VisionSignals
+from tpc.methods.base import Method, Param, PrefillMethod, VisionMethod, VisionSignals
 from tpc.methods.registry import REGISTRY
+from tpc.methods.schedule import PrefillSignals
 
 _MODULES = ("divprune", "fastv", "hiprune", "none", "random", "uniform", "vla_pruner")
 

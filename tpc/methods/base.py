@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ParamSpec
 
 from tpc.errors import UsageError, unknown_name
-from tpc.methods.schedule import TokenSchedule, Transition
+from tpc.methods.schedule import PrefillSignals, TokenSchedule, Transition
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -196,19 +196,6 @@ class VisionMethod(_ResolvesParams):
     stage: str = "vision"
     prunes: bool = True
     stateful: bool = False  # a vision-side method never carries state between calls
-
-
-@dataclass(frozen=True)
-class PrefillSignals:
-    """What a prune transition of a decoder schedule may read at its layer K (0-based), over the image tokens
-    present there (N_p of them, in original order)."""
-
-    scores: Tensor  # (B, N_p) attention to each present image token at layer K-1, head mean, reduced by the rows
-    image_embeds: Tensor  # (B, N_p, D) their LLM input embeddings (layer 0's input)
-    guide: Tensor | None = None  # (B, N_p) a stateful method's guide from earlier control steps
-    hidden: Tensor | None = None  # (B, N_p, D) their hidden states entering layer K
-    previous_scores: Tensor | None = None  # (B, N_p) the same reduction at layer K-2 (`Prune.previous`)
-    context: Tensor | None = None  # (B, L, D) the whole sequence's hidden states entering layer K (text included)
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,24 @@ from typing import TYPE_CHECKING, Any, TypedDict
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from tpc.methods.base import PrefillSignals
-
 # which query rows of the tapped layer's attention a prune scores with: the last prompt token's, every row's mean,
 # or the mean of a token span's rows (`Prune.span`)
 LAST_ROW, ALL_ROWS, SPAN_ROWS = "last-row", "all-rows", "span-rows"
 ROWS = (LAST_ROW, ALL_ROWS, SPAN_ROWS)
 FROZEN = "frozen"  # a re-admitted token's hidden state: the one it had when it was dropped
+
+
+@dataclass(frozen=True)
+class PrefillSignals:
+    """What a prune transition of a decoder schedule may read at its layer K (0-based), over the image tokens
+    present there (N_p of them, in original order)."""
+
+    scores: Tensor  # (B, N_p) attention to each present image token at layer K-1, head mean, reduced by the rows
+    image_embeds: Tensor  # (B, N_p, D) their LLM input embeddings (layer 0's input)
+    guide: Tensor | None = None  # (B, N_p) a stateful method's guide from earlier control steps
+    hidden: Tensor | None = None  # (B, N_p, D) their hidden states entering layer K
+    previous_scores: Tensor | None = None  # (B, N_p) the same reduction at layer K-2 (`Prune.previous`)
+    context: Tensor | None = None  # (B, L, D) the whole sequence's hidden states entering layer K (text included)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from tpc.methods import divprune
-from tpc.methods.base import PrefillSignals, accepts_unbatched
+from tpc.methods.base import accepts_unbatched
 from tpc.methods.registry import REFERENCE_HISTORY_LAYER, VLA_CRITERIA, VLA_GUIDE_DTYPES, VLA_ORDERS, VLA_PRUNER
+from tpc.methods.schedule import PrefillSignals
 from tpc.ops import select_indices
 
 CRITERIA, ORDERS = VLA_CRITERIA, VLA_ORDERS

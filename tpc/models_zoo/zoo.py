@@ -25,12 +25,11 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict, Unpack
 
 if TYPE_CHECKING:
-    from transformers import CLIPVisionConfig, LlavaConfig, PretrainedConfig, SiglipVisionConfig
+    from transformers import CLIPVisionConfig, LlavaConfig, PretrainedConfig, PreTrainedModel, SiglipVisionConfig
 
-    from tpc.models_zoo import Adapter
     from tpc.models_zoo.openvla import OpenVlaConfig
 
 
@@ -277,7 +276,14 @@ def _fingerprint(entry: ZooEntry) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def materialize(entry: ZooEntry, adapter: Adapter) -> Path:
+class BuildsModels(Protocol):
+    """What `materialize` needs of a family adapter: its model class (and a `save` of its own, if it has one)."""
+
+    @property
+    def model_class(self) -> type[PreTrainedModel]: ...
+
+
+def materialize(entry: ZooEntry, adapter: BuildsModels) -> Path:
     """Directory holding the entry's config.json + model.safetensors (saved by `adapter`, the entry's family
     adapter); built once, then reused."""
     import torch

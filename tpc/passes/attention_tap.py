@@ -23,7 +23,26 @@ TAP_IMPLEMENTATION = "tpc_tap"
 DEFAULT_BLOCK_ELEMENTS = 16 * 1024 * 1024
 
 
-class ReceivedAttention:
+class _Tap:
+    """What every tap holds: the reduction of the layer's last prompt forward, read right after the layer ran."""
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+
+    def latest(self) -> Tensor:
+        if self.value is None:
+            raise RuntimeError("the tapped layer has not run yet")
+        return self.value
+
+
+def _row_logits(rows: Tensor, key: Tensor, scaling: float) -> Tensor:
+    """Some query rows' logits over every key, grouped-query heads repeated as the model's own attention does."""
+    groups = rows.shape[1] // key.shape[1]
+    keys = repeat_kv(key, groups) if groups > 1 else key
+    return torch.matmul(rows, keys.transpose(-1, -2)) * scaling
+
+
+class ReceivedAttention(_Tap):
     """Tap: mean over heads and over all query rows of softmax(QK^T * scale), per key -> (B, N_keys).
 
     Equal to `attn.mean(1).mean(1)` of the eager attention map (HiPrune's "attention received"; with `causal`, a
@@ -33,15 +52,9 @@ class ReceivedAttention:
     """
 
     def __init__(self, block_elements: int = DEFAULT_BLOCK_ELEMENTS, causal: bool = False) -> None:
+        super().__init__()
         self.block_elements = block_elements
         self.causal = causal
-        self.value: Tensor | None = None
-
-    def latest(self) -> Tensor:
-        """The last prompt forward's reduction (the layer ran before anyone reads it)."""
-        if self.value is None:
-            raise RuntimeError("the tapped layer has not run yet")
-        return self.value
 
     def rows_per_block(self, batch: int, heads: int, queries: int, keys: int) -> int:
         return max(1, min(queries, self.block_elements // max(1, batch * heads * keys)))
@@ -80,7 +93,7 @@ class ReceivedAttention:
         return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
-class LastRowAttention:
+class LastRowAttention(_Tap):
     """Tap: softmax(q_last K^T * scale) of the last query row, mean over heads -> (B, N_keys) (FastV's signal).
 
     The layer itself runs on SDPA; only one extra row of probabilities is computed. Grouped-query attention
@@ -90,15 +103,9 @@ class LastRowAttention:
     """
 
     def __init__(self, every_call: bool = False) -> None:
+        super().__init__()
         self.every_call = every_call
-        self.value: Tensor | None = None
         self.rows: list[Tensor] = []
-
-    def latest(self) -> Tensor:
-        """The last prompt forward's row (the layer ran before anyone reads it)."""
-        if self.value is None:
-            raise RuntimeError("the tapped layer has not run yet")
-        return self.value
 
     def __call__(
         self,
@@ -111,9 +118,7 @@ class LastRowAttention:
     ) -> tuple[Tensor, None]:
         if query.shape[2] == 1 and not self.every_call:  # a decode step: one query, no prompt row to score
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
-        groups = query.shape[1] // key.shape[1]
-        keys = repeat_kv(key, groups) if groups > 1 else key
-        logits = torch.matmul(query[:, :, -1:], keys.transpose(-1, -2)) * scaling
+        logits = _row_logits(query[:, :, -1:], key, scaling)
         if attention_mask is not None and attention_mask.dtype == torch.bool:  # True: may attend (a static cache)
             logits = logits.masked_fill(~attention_mask[:, :, -1:, :], float("-inf"))
         elif attention_mask is not None:  # additive
@@ -124,21 +129,15 @@ class LastRowAttention:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
 
 
-class SpanAttention:
+class SpanAttention(_Tap):
     """Tap: mean over heads and over the query rows `start..stop-1` of the causal softmax(QK^T * scale), per key ->
     (B, N_keys): what the rows of a token span (a question, a shot's text) attend to. The layer runs on SDPA; only
     the span's rows of probabilities are computed. A decode step (one query) is not scored.
     """
 
     def __init__(self, start: int, stop: int) -> None:
+        super().__init__()
         self.start, self.stop = start, stop
-        self.value: Tensor | None = None
-
-    def latest(self) -> Tensor:
-        """The last prompt forward's reduction (the layer ran before anyone reads it)."""
-        if self.value is None:
-            raise RuntimeError("the tapped layer has not run yet")
-        return self.value
 
     def __call__(
         self,
@@ -152,10 +151,7 @@ class SpanAttention:
         queries, keys = query.shape[2], key.shape[2]
         if queries == 1:
             return _sdpa(module, query, key, value, attention_mask, scaling=scaling)
-        groups = query.shape[1] // key.shape[1]
-        keys_repeated = repeat_kv(key, groups) if groups > 1 else key
-        rows = query[:, :, self.start : self.stop]
-        logits = torch.matmul(rows, keys_repeated.transpose(-1, -2)) * scaling
+        logits = _row_logits(query[:, :, self.start : self.stop], key, scaling)
         # query i sits at key position keys - queries + i, and sees the keys up to it
         positions = torch.arange(self.start, self.stop, device=query.device) + keys - queries
         logits = logits.masked_fill(torch.arange(keys, device=query.device) > positions[:, None], float("-inf"))

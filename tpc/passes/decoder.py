@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from tpc.methods.base import PrefillMethod, PrefillSignals
-from tpc.methods.schedule import ALL_ROWS, SPAN_ROWS, Prune, TapSpec, TokenSchedule, Transition
+from tpc.methods.base import PrefillMethod
+from tpc.methods.schedule import ALL_ROWS, SPAN_ROWS, PrefillSignals, Prune, TapSpec, TokenSchedule, Transition
 from tpc.models_zoo.llava import DecoderParts
 from tpc.ops import gather_tokens, select_indices
 from tpc.passes.attention_tap import LastRowAttention, ReceivedAttention, SpanAttention, Tap, attach_tap

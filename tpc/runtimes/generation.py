@@ -49,11 +49,9 @@ def prefill_ids(generation: GenerationProtocol, input_ids: np.ndarray) -> np.nda
     return np.concatenate([input_ids[:, : start + kept], input_ids[:, start + count :]], axis=1)
 
 
-def vocab_size(generation: GenerationProtocol, components: Sequence[ComponentSpec]) -> tuple[int | None, str]:
-    """The decoder's vocabulary size and where it came from: `generation.vocab_size` when tpc.json has it, else
-    the last axis of the prefill graph's `logits` output (one score per token of the vocabulary)."""
-    if generation.vocab_size:
-        return int(generation.vocab_size), "tpc.json generation.vocab_size"
+def vocab_size(components: Sequence[ComponentSpec]) -> tuple[int | None, str]:
+    """The decoder's vocabulary size and where it came from: the last axis of the prefill graph's `logits` output
+    (one score per token of the vocabulary)."""
     for component in components:
         for output in component.outputs if component.name == "prefill" else ():
             if output.name == "logits":
@@ -157,7 +155,7 @@ class VLM(GenerationLoop):
         assert generation is not None, "a VLM export's manifest has its generation section (load_export checks it)"
         vision = next(c for c in manifest.components if c.name == "vision")
         pixels = next(s for s in vision.inputs if s.name == "pixel_values")
-        vocab = vocab_size(generation, manifest.components)
+        vocab = vocab_size(manifest.components)
         super().__init__(components, generation, (pixels.shape, pixels.dtype), vocab, strict)
         self.manifest = manifest
 

@@ -13,8 +13,8 @@ centre in [-1, 1] is un-normalised with the dataset's q01/q99 where the mask say
 
 `step` takes numpy arrays or torch tensors (`tpc.runtimes.inputs`): the camera image as (H, W, 3) uint8 RGB, or
 pixel values already normalised, (1, 3 * towers, H, W) of any float dtype; the prompt ids as (T,) or (1, T)
-integers inside the vocabulary (`policy.vocab_size` in tpc.json, else `action_vocab_size`: the vocabulary without
-its padding, which a tokenizer never produces).
+integers inside the vocabulary (`action_vocab_size` in tpc.json: the vocabulary without its padding, which a
+tokenizer never produces).
 """
 
 from __future__ import annotations
@@ -58,14 +58,6 @@ def pixel_shape(policy: PolicyProtocol) -> tuple[int, int, int, int]:
     return (1, 3 * len(policy.image.normalization), size, size)
 
 
-def vocab_size(policy: PolicyProtocol) -> tuple[int, str]:
-    """The highest prompt id + 1 and where it comes from: `policy.vocab_size` when tpc.json has it, else
-    `action_vocab_size`, the vocabulary without its padding rows (every id a tokenizer produces lies below it)."""
-    if policy.vocab_size:
-        return int(policy.vocab_size), "tpc.json policy.vocab_size"
-    return int(policy.action_vocab_size), "tpc.json policy.action_vocab_size"
-
-
 def actions_from_tokens(tokens: np.ndarray, policy: PolicyProtocol) -> np.ndarray:
     """(action_dim,) token ids -> (action_dim,) un-normalised actions (the release's `predict_action` tail)."""
     bins = np.linspace(-1, 1, policy.n_action_bins)
@@ -105,7 +97,8 @@ def prompt_ids(instruction: Any, policy: PolicyProtocol) -> np.ndarray:
             f"the prompt has {got} tokens; this export takes {text} text tokens (BOS + the instruction prompt), "
             f"which with the {image} image tokens make its {total}-token decoder prompt: {fix}"
         )
-    size, source = vocab_size(policy)
+    # the vocabulary without its padding rows: every id a tokenizer produces lies below it
+    size, source = int(policy.action_vocab_size), "tpc.json policy.action_vocab_size"
     layout = f"1, {text} text tokens: BOS + '{template}' tokenized"
     return check_ids(ids, "the prompt", (1, text), layout, size, source)
 

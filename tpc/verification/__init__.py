@@ -30,8 +30,7 @@ from tpc.contract.manifest import INPUTS_FILE, Manifest
 from tpc.contract.names import KEPT_INDICES, SINGLE
 from tpc.contract.report import TOLERANCES, Diff, Tolerance, VerifyReport, skipped_verification
 from tpc.errors import RuntimeUnavailable, UsageError
-from tpc.kinds import kind_of
-from tpc.kinds.base import Pruned, PruneRequest, Sessions, as_arrays, eager_outputs
+from tpc.kinds.base import Pruned, PruneRequest, Sessions, as_arrays, eager_outputs, kind_of
 from tpc.kinds.vlm import generation_inputs
 from tpc.pipeline import build
 from tpc.progress import Step, silent

@@ -12,8 +12,7 @@ import numpy as np
 from tpc.contract.manifest import EXPECTED_FILE, INPUTS_FILE, Manifest
 from tpc.contract.names import KEPT_INDICES, Session
 from tpc.contract.report import Diff, ShippedCheck, Tolerance, VerifyReport
-from tpc.kinds import kind_of
-from tpc.kinds.base import Component, Pruned, eager_outputs
+from tpc.kinds.base import Component, Pruned, eager_outputs, kind_of
 from tpc.kinds.checks import first_difference
 from tpc.verification.shipped import Shipped, sample_file
 

@@ -23,7 +23,7 @@ from tpc.contract.manifest import (
 from tpc.contract.names import KEPT_INDICES
 from tpc.contract.report import ShippedCheck
 from tpc.errors import UsageError
-from tpc.kinds import kind_of
+from tpc.kinds.base import kind_of
 from tpc.kinds.checks import array_problems
 from tpc.runtimes.base import RUNTIME_CLASSES, runtime_named
 
