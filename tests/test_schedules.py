@@ -36,7 +36,7 @@ TWO_PRUNES = PrefillMethod(
     reference="tests/test_schedules.py",
     priority=lambda signals, keep, params: signals.scores,
     transitions=lambda params, keep, n: (
-        Prune(params["layer"], _between(keep, n, params["first"]), LAST_ROW),
+        Prune(params["layer"], _between(keep, n.image_tokens, params["first"]), LAST_ROW),
         Prune(params["layer"] + 1, keep, LAST_ROW),
     ),
     params=(

@@ -51,7 +51,7 @@ def test_zoo_entries_declare_the_geometry_their_config_gives(name: str) -> None:
 
 def test_family_kinds_are_the_adapters_and_accepts_follows_them() -> None:
     assert {name: adapter.kind for name, adapter in FAMILIES.items()} == FAMILY_KINDS
-    assert [m for m in REGISTRY if accepts_method("vla", REGISTRY[m])] == ["fastv", "vla-pruner", "none"]
+    assert [m for m in REGISTRY if accepts_method("vla", REGISTRY[m])] == ["fastv", "vla-pruner", "lvlm-csp", "none"]
     assert "vla-pruner" not in [m for m in REGISTRY if accepts_method("vlm", REGISTRY[m])]
 
 

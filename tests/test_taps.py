@@ -7,7 +7,7 @@ import torch
 from transformers import CLIPVisionModel, SiglipVisionModel
 
 from tpc.methods import hiprune
-from tpc.passes.attention_tap import LastRowAttention, ReceivedAttention
+from tpc.passes.attention_tap import ReceivedAttention, RowAttention
 from tpc.pipeline import PruneRequest, build
 
 
@@ -66,7 +66,7 @@ def test_last_row_tap_honours_a_boolean_mask_like_an_additive_one() -> None:
     q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 12, 8), torch.randn(1, 4, 12, 8)
     k[:, :, 9:], v[:, :, 9:] = 0, 0  # three empty cache slots
     visible = (torch.arange(12) < 9).view(1, 1, 1, 12)
-    boolean, additive, filled = (LastRowAttention(every_call=True) for _ in range(3))
+    boolean, additive, filled = (RowAttention(every_call=True) for _ in range(3))
     out_bool, _ = boolean(None, q, k, v, visible, 8**-0.5)
     out_add, _ = additive(None, q, k, v, torch.zeros(1, 1, 1, 12).masked_fill(~visible, float("-inf")), 8**-0.5)
     filled(None, q, k[:, :, :9], v[:, :, :9], None, 8**-0.5)

@@ -173,7 +173,11 @@ def _render_verify(report: Any) -> None:
     if report.generation is not None:
         g = report.generation
         label = f"greedy generation, {g.new_tokens} tokens x {g.samples} prompts"
-        table.add_row(label, "", "", f"{g.rows_equal}/{g.rows} rows equal {_mark(g.passed)}")
+        table.add_row(label, "", "", f"{g.rows_equal}/{g.rows} rows equal {_mark(g.rows_equal == g.rows)}")
+        if g.seg_hidden is not None:
+            d = g.seg_hidden
+            label = f"generation: seg_hidden at {g.seg_tokens} [SEG] tokens"
+            table.add_row(label, f"{d.max_abs:.3g}", f"{d.margin:.3g}", _mark(d.passed))
     if report.episode is not None:
         e = report.episode
         table.add_row(

@@ -324,13 +324,16 @@ _GENERATION = _record(
     {
         "image_token_id": _INT,
         "eos_token_ids": _INTS,
-        "prompt": _record(_PROMPT),
+        "prompt": _record({**_PROMPT, "image_starts": _COUNTS}, optional=("image_starts",)),
         "prefill": _record({"length": _COUNT, "image_tokens": _COUNT}),
         "max_new_tokens": {"type": "integer", "minimum": 1},
         "decoder_layers": _COUNT,
         "cache": _record({"lengths_after_prefill": _COUNTS, "capacity": _COUNTS, "next_position": _COUNT}),
         "protocol": _STR,
-    }
+        "seg_token_id": _INT,
+        "vision_to_prefill": {"type": "array", "items": _NAME},
+    },
+    optional=("seg_token_id", "vision_to_prefill"),
 )
 _NORMALIZATION = _record({"tower": _STR, "mean": _NUMBERS, "std": _NUMBERS})
 _STATE = _record(

@@ -20,6 +20,11 @@ KEPT_INDICES = "kept_indices"
 
 PIXEL_VALUES, INPUT_IDS, IMAGE_EMBEDS, LOGITS = "pixel_values", "input_ids", "image_embeds", "logits"
 STEP_INPUT = "step"  # a static decode call's step index (0, 1, ...): where it writes the cache
+# a VLM with a LISA-style [SEG] token: the decoder's final hidden state of the token fed (prefill: the prompt's last;
+# decode: the token given), what a SAM-style mask decoder consumes at a [SEG] token
+SEG_HIDDEN = "seg_hidden"
+# a vision graph's CLS-row attention to each patch, handed to a prefill whose method samples by it (LVLM_CSP)
+CLS_ATTENTION = "cls_attention"
 
 # components: an encoder export's one graph; a VLM's three; a policy's step graph(s)
 SINGLE = "model"

@@ -47,17 +47,30 @@ class Record:
 
 @dataclass(frozen=True)
 class PromptSpec(Record):
-    """The static prompt: `text_tokens` text tokens with one run of `image_tokens` image tokens at `image_start`,
-    `length` tokens in all."""
+    """The static prompt: `text_tokens` text tokens and one run of `image_tokens` image tokens per image, the first
+    at `image_start` (several images: each run's start in `image_starts`), `length` tokens in all."""
 
     text_tokens: int
     image_start: int
     image_tokens: int
     length: int
+    image_starts: tuple[int, ...] | None = field(default=None, metadata=OPTIONAL_KEY, kw_only=True)
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        """Every image run's first position."""
+        return self.image_starts or (self.image_start,)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PromptSpec:
-        return cls(data["text_tokens"], data["image_start"], data["image_tokens"], data["length"])
+        starts = data.get("image_starts")
+        return cls(
+            data["text_tokens"],
+            data["image_start"],
+            data["image_tokens"],
+            data["length"],
+            image_starts=None if starts is None else tuple(starts),
+        )
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,9 @@ class GenerationProtocol(Record):
     decoder_layers: int
     cache: CacheSpec
     protocol: str  # the step protocol in words
+    seg_token_id: int | None = field(default=None, metadata=OPTIONAL_KEY)  # a LISA-style [SEG] token
+    # vision outputs besides image_embeds that the prefill takes (concatenated over images like image_embeds)
+    vision_to_prefill: tuple[str, ...] | None = field(default=None, metadata=OPTIONAL_KEY)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GenerationProtocol:
@@ -110,6 +126,8 @@ class GenerationProtocol(Record):
             decoder_layers=data["decoder_layers"],
             cache=CacheSpec.from_dict(data["cache"]),
             protocol=data["protocol"],
+            seg_token_id=data.get("seg_token_id"),
+            vision_to_prefill=tuple(data["vision_to_prefill"]) if "vision_to_prefill" in data else None,
         )
 
 

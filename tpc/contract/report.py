@@ -70,10 +70,13 @@ class GenerationCheck:
     rows_equal: int
     rows: int
     first_difference: list[int] | None = None  # [sample, row, position] of the first differing token
+    # a segmentation model: the final hidden state at every [SEG] token fed (prompt or generated), exported vs eager
+    seg_hidden: Diff | None = None
+    seg_tokens: int = 0  # [SEG] positions compared
 
     @property
     def passed(self) -> bool:
-        return self.rows_equal == self.rows
+        return self.rows_equal == self.rows and (self.seg_hidden is None or self.seg_hidden.passed)
 
 
 @dataclass

@@ -50,7 +50,7 @@ from tpc.kinds.base import (
 from tpc.kinds.checks import first_difference
 from tpc.kinds.vlm import render_ranges, schedule_point, schedule_taps
 from tpc.methods import PrefillMethod, get_method
-from tpc.methods.schedule import TokenSchedule
+from tpc.methods.schedule import PromptImages, TokenSchedule
 from tpc.models_zoo import ModelSource, OpenVlaAdapter
 from tpc.models_zoo.openvla import (
     EMPTY_TOKEN_ID,
@@ -102,12 +102,15 @@ class VlaPlan(DecoderPlan):
     def layout(self, pruned: bool = True) -> DecoderLayout:
         """The step's decoder layout: the method's token schedule (`pruned`), or every image token at every layer
         (the unpruned policy, VLA-Pruner's warm-up steps)."""
-        image_tokens = self.prompt.image_tokens
+        image_tokens, start = self.prompt.image_tokens, self.prompt.image_start
         prunes = pruned and isinstance(self.method, PrefillMethod)
+        images = PromptImages((start,), (image_tokens,), self.prompt.length)
         schedule = (
-            self.method.schedule(self.method_params, self.keep, image_tokens) if prunes else TokenSchedule(image_tokens)
+            self.method.schedule(self.method_params, self.keep, images) if prunes else TokenSchedule(image_tokens)
         )
-        return DecoderLayout(1, self.prompt.text_len, schedule, self.decoder.num_layers, self.geometry.action_dim - 1)
+        return DecoderLayout(
+            (start,), self.prompt.text_len, schedule, self.decoder.num_layers, self.geometry.action_dim - 1
+        )
 
     @property
     def kept_widths(self) -> tuple[int, ...]:

@@ -36,11 +36,12 @@ KINDS: dict[str, KindRecord] = {
             "generation",
             lambda names: ("vision", "prefill"),  # the time to first token
         ),
-        # decoder schedules (VLA-Pruner, FastV) and the unpruned baseline: the towers are not pruned
+        # decoder schedules (VLA-Pruner, FastV, LVLM_CSP; not CATP, which needs example images) and the unpruned
+        # baseline: the towers are not pruned
         KindRecord(
             "vla",
             "tpc.kinds.policy",
-            lambda m: isinstance(m, PrefillMethod) or not m.prunes,
+            lambda m: (isinstance(m, PrefillMethod) and m.shots[0] == 0) or not m.prunes,  # one camera image
             "policy",
             # the steady-state control step: a stateful policy's pruned graph (its warm-up steps are `window`)
             lambda names: ("pruned",) if "pruned" in names else tuple(names),

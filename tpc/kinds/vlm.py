@@ -2,8 +2,9 @@
 
 Where the method prunes decides the layout. A vision-side method (HiPrune, DivPrune, random, uniform) hands
 K image embeddings to the decoder, so the prefill sees text + K image positions with contiguous positions, as
-in the references. A prefill method (FastV) sees all image tokens and keeps K from its layer on, with original
-positions. `--method none` is the unpruned model, equal to transformers' `generate`.
+in the references. A prefill method (FastV, CATP, LVLM_CSP) sees all image tokens and runs its token schedule,
+with original positions. A prompt may hold several images (`--param shots=N`: N examples, then the query): the
+vision graph runs once per image. `--method none` is the unpruned model, equal to transformers' `generate`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import torch
 from torch import Tensor
 
 from tpc.contract.manifest import GENERATION_FILE, SAMPLES_DIR, Manifest, TensorSpec
-from tpc.contract.names import INPUT_IDS, PIXEL_VALUES, VISION
+from tpc.contract.names import CLS_ATTENTION, INPUT_IDS, PIXEL_VALUES, STEP_INPUT, VISION
 from tpc.contract.protocols import CacheSpec, GenerationProtocol, PrefillSpec, PromptSpec
-from tpc.contract.report import GenerationCheck, ShippedCheck, Tolerance, VerifyReport
+from tpc.contract.report import Diff, GenerationCheck, ShippedCheck, Tolerance, VerifyReport
 from tpc.errors import UsageError
 from tpc.kinds.base import (
     DTYPES,
@@ -42,9 +43,9 @@ from tpc.kinds.base import (
 )
 from tpc.kinds.checks import array_problems, first_difference
 from tpc.kinds.tower import render_tower, tower_description
-from tpc.methods import PrefillMethod, VisionMethod, get_method
+from tpc.methods import Method, Param, PrefillMethod, VisionMethod, get_method
 from tpc.methods import none as no_pruning
-from tpc.methods.schedule import ALL_ROWS, LAST_ROW, SPAN_ROWS, Prune, TokenSchedule
+from tpc.methods.schedule import ALL_ROWS, LAST_ROW, SPAN_ROWS, PromptImages, Prune, TokenSchedule
 from tpc.models_zoo import LlavaAdapter, ModelSource
 from tpc.passes.decoder import DecoderLayout, ScheduledDecoder
 from tpc.passes.prune_vision import PrunedVisionEncoder, VisionCut
@@ -68,34 +69,53 @@ class VlmPlan(DecoderPlan):
 
     @property
     def params(self) -> dict[str, Any]:
-        return dict(self.method_params)
+        """The method's parameters, and the prompt's `shots` when it has examples (tpc.json records both)."""
+        shots = {"shots": self.prompt.images - 1} if self.prompt.images > 1 else {}
+        return {**self.method_params, **shots}
 
     @property
     def prunes_in_prefill(self) -> bool:
         return isinstance(self.method, PrefillMethod)
 
     @property
+    def guide(self) -> str | None:
+        """The vision output the prefill's method samples by (LVLM_CSP's CLS attention), if it reads one."""
+        return self.method.vision_guide(self.method_params) if self.prunes_in_prefill else None
+
+    @property
+    def per_image(self) -> int:
+        """Image tokens each image hands to the decoder: K for a vision-side method, all of them otherwise."""
+        return self.prompt.image_tokens if self.prunes_in_prefill else self.keep
+
+    @property
     def cut(self) -> VisionCut:
         config = self.source.config
-        method, keep = (
-            (no_pruning.METHOD, self.prompt.image_tokens) if self.prunes_in_prefill else (self.method, self.keep)
-        )
+        method = no_pruning.METHOD if self.prunes_in_prefill else self.method
         return VisionCut(
             self.adapter.tower(config),
             self.source.geometry,
             method,
-            keep,
+            self.per_image,
             {} if self.prunes_in_prefill else self.method_params,
             self.adapter.feature_layers(config),
             self.adapter.keeps_prefix(config),
+            max(self.adapter.feature_layers(config)) if self.guide == CLS_ATTENTION else None,
         )
 
     @property
+    def prompt_images(self) -> PromptImages:
+        """Where the image runs sit in the prompt the prefill receives."""
+        prompt, per_image = self.prompt, self.per_image
+        length = prompt.text_len + prompt.images * per_image
+        return PromptImages(prompt.starts_with(per_image), (per_image,) * prompt.images, length)
+
+    @property
     def schedule(self) -> TokenSchedule:
-        """Which image tokens each decoder layer sees: K from the start for a vision-side method."""
+        """Which image tokens each decoder layer sees: K per image from the start for a vision-side method."""
         if self.prunes_in_prefill:
-            return self.method.schedule(self.method_params, self.keep, self.prompt.image_tokens)
-        return TokenSchedule(self.keep)
+            return self.method.schedule(self.method_params, self.keep, self.prompt_images)
+        images = self.prompt_images.tokens
+        return TokenSchedule(sum(images), (), images if len(images) > 1 else ())
 
     def cache_bytes(self, new_tokens: int | None = None) -> int:
         return super().cache_bytes(self.max_new_tokens if new_tokens is None else new_tokens)
@@ -107,7 +127,7 @@ class VlmPlan(DecoderPlan):
     @property
     def cache(self) -> DecoderLayout:
         return DecoderLayout(
-            image_start=self.prompt.image_start,
+            image_starts=self.prompt_images.starts,
             text_tokens=self.prompt.text_len,
             schedule=self.schedule,
             num_layers=self.decoder.num_layers,
@@ -124,7 +144,7 @@ class VlmPlan(DecoderPlan):
         projector_in = geometry.hidden_size * len(self.adapter.feature_layers(self.source.config))
         projector = 2 * cache.image_tokens * (projector_in * decoder.hidden_size + decoder.hidden_size**2)
         prefill, decode = cache.flops(decoder)
-        tower = self.cut.depth * geometry.layer_flops(geometry.sequence_length)
+        tower = self.prompt.images * self.cut.depth * geometry.layer_flops(geometry.sequence_length)
         return {"tower": tower, "projector": projector, "prefill": prefill, "decode_token": decode}
 
     def generation(self) -> GenerationProtocol:
@@ -139,6 +159,7 @@ class VlmPlan(DecoderPlan):
                 image_start=self.prompt.image_start,
                 image_tokens=self.prompt.image_tokens,
                 length=self.prompt.length,
+                image_starts=self.prompt.image_starts if self.prompt.images > 1 else None,
             ),
             prefill=PrefillSpec(length=cache.prefill_tokens, image_tokens=cache.image_tokens),
             max_new_tokens=self.max_new_tokens,
@@ -148,9 +169,12 @@ class VlmPlan(DecoderPlan):
                 capacity=tuple(cache.capacities),
                 next_position=cache.next_position,
             ),
+            seg_token_id=self.adapter.seg_token_id(config),
+            vision_to_prefill=(self.guide,) if self.guide else None,
             protocol=(
-                "vision(pixel_values) -> image_embeds; prefill(input_ids with image_embeds' count of image tokens "
-                "at prompt.image_start, image_embeds) -> logits, present.*; then for step s = 0, 1, ...: "
+                "vision(pixel_values) -> image_embeds, once per image (prompt.image_starts: several images); "
+                "prefill(input_ids with each image's run shortened to its image_embeds, image_embeds of every image "
+                "concatenated in prompt order) -> logits, present.*; then for step s = 0, 1, ...: "
                 "decode(input_ids = argmax(logits), step = [s], past.* = present.*) -> logits, present.*"
             ),
         )
@@ -179,14 +203,19 @@ def plan_vlm(request: PruneRequest, source: ModelSource) -> VlmPlan:
     derived = (  # the raw vision_feature_layer too: HiPrune pairs hidden_states[p] with attentions[p] (layer p+1)
         method.model_defaults(geometry.num_layers, max(feature_layers), config.vision_feature_layer)
         if isinstance(method, VisionMethod)
-        else {}
+        else method.model_defaults(decoder.num_layers)
     )
+    shots = resolve_shots(method_params.pop("shots", None), method)
     params = method.resolve_params(method_params, derived)
     check_method_layers(method, params, {"encoder": (1, geometry.num_layers), "decoder": (1, decoder.num_layers - 1)})
     num_image = adapter.image_tokens(config)
     prefix = geometry.prefix_tokens if adapter.keeps_prefix(config) and isinstance(method, VisionMethod) else 0
-    what = "one image is {n} image tokens in the prompt" + (f" ({prefix} CLS always kept)" if prefix else "")
-    keep = resolve_keep(request.keep, method, num_image, prefix + 1, what)
+    if isinstance(method, PrefillMethod) and shots:  # one budget over every image of the prompt
+        what = f"the prompt's {shots + 1} images are {{n}} image tokens"
+        keep = resolve_keep(request.keep, method, num_image * (shots + 1), 1, what)
+    else:  # a vision-side method keeps K of each image
+        what = "one image is {n} image tokens in the prompt" + (f" ({prefix} CLS always kept)" if prefix else "")
+        keep = resolve_keep(request.keep, method, num_image, prefix + 1, what)
     check_budget(method, keep - prefix, params)
     max_new = request.max_new_tokens if request.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS
     if max_new < MIN_NEW_TOKENS:
@@ -195,14 +224,40 @@ def plan_vlm(request: PruneRequest, source: ModelSource) -> VlmPlan:
             f"got {max_new}"
         )
     user_dir = source.user_dir
-    layout = adapter.default_layout(config, user_dir, request.prompt_len)
+    layout = adapter.default_layout(config, user_dir, request.prompt_len, shots)
     check_positions(
         layout.length + max_new - 1,
         decoder.max_positions,
-        f"the prompt ({layout.text_len} text + {layout.image_tokens} image tokens) and {max_new} new tokens",
-        "lower --prompt-len or --max-new-tokens",
+        f"the prompt ({layout.text_len} text + {layout.images} x {layout.image_tokens} image tokens) and {max_new} "
+        "new tokens",
+        "lower --prompt-len, --max-new-tokens or --param shots",
     )
-    return VlmPlan(request, source, method, keep, params, layout, max_new)
+    plan = VlmPlan(request, source, method, keep, params, layout, max_new)
+    if plan.guide == CLS_ATTENTION and geometry.prefix_tokens == 0:
+        raise UsageError(
+            f"--method {method.name}: the {adapter.tower(config).family} tower has no CLS token to sample by; use "
+            "another sampler (--param sampler=uniform)"
+        )
+    try:  # the schedule's own rules: budgets per stage, layer order, layers inside the decoder
+        plan.schedule.ranges(decoder.num_layers)
+    except ValueError as error:
+        raise UsageError(f"--method {method.name} --keep {keep}: {error}") from None
+    return plan
+
+
+SHOTS = Param("shots", int, 0, "in-context example images before the query image (an n-shot prompt)", low=0)
+
+
+def resolve_shots(given: str | None, method: Method) -> int:
+    """The prompt's example images: the user's `--param shots`, or the method's default; at least its fewest."""
+    fewest, default = method.shots
+    shots = default if given is None else SHOTS.parse(given)
+    if shots < fewest:
+        raise UsageError(
+            f"--param shots={shots}: method {method.name} needs an in-context prompt of at least {fewest} example "
+            f"image(s) before the query image (use --param shots={max(fewest, default)})"
+        )
+    return int(shots)
 
 
 def build_vlm(plan: VlmPlan) -> Pruned:
@@ -215,7 +270,8 @@ def build_vlm(plan: VlmPlan) -> Pruned:
     vision = VisionComponent(tower, projector).eval()
     prefill_method = plan.method if plan.prunes_in_prefill else None
     decoder = ScheduledDecoder(model, adapter, plan.cache, prefill_method, plan.method_params)
-    prefill, decode = PrefillComponent(decoder).eval(), DecodeComponent(decoder).eval()
+    seg = plan.adapter.seg_token_id(source.config) is not None
+    prefill, decode = PrefillComponent(decoder, seg, plan.guide).eval(), DecodeComponent(decoder, seg).eval()
     components = {
         "vision": Component("vision", vision, vision.input_names, vision.output_names),
         "prefill": Component("prefill", prefill, prefill.input_names, prefill.output_names),
@@ -229,45 +285,72 @@ def build_vlm(plan: VlmPlan) -> Pruned:
 
 
 def seeded_prompt(plan: VlmPlan, seed: int) -> np.ndarray:
-    """(B, prompt length) int64, as a processor makes it: one image's run of image tokens inside text tokens.
+    """(B, prompt length) int64, as a processor makes it: each image's run of image tokens inside text tokens.
 
-    Seed 0 of a model with a chat template is the template's prompt; otherwise the text tokens are seeded.
+    Seed 0 of a model with a chat template is the template's prompt; otherwise the text tokens are seeded (never an
+    image or [SEG] token), and a model with a [SEG] token gets it as the prompt's last token: a LISA-style answer
+    prefix ("... it is [SEG]"), so that the prefill's last position is the one a mask decoder reads.
     """
-    image_id = plan.adapter.image_token_id(plan.source.config)
-    start, count = plan.prompt.image_start, plan.prompt.image_tokens
+    config = plan.source.config
+    image_id, seg_id = plan.adapter.image_token_id(config), plan.adapter.seg_token_id(config)
+    count = plan.prompt.image_tokens
     if seed == 0 and plan.prompt.template is not None:
         text = np.array([t for t in plan.prompt.template if t != image_id], dtype=np.int64)
     else:
         rng = np.random.default_rng(seed)
         text = rng.integers(3, plan.decoder.vocab_size, size=plan.prompt.text_len, dtype=np.int64)
-        text[text == image_id] = 3
+        text[(text == image_id) | (text == seg_id)] = 3
         text[0] = 1  # BOS
-    row = np.concatenate([text[:start], np.full(count, image_id, dtype=np.int64), text[start:]])
+        if seg_id is not None:
+            text[-1] = seg_id
+    pieces, used = [], 0
+    for i, start in enumerate(plan.prompt.image_starts):
+        text_start = start - i * count  # where the image sits among the text tokens
+        pieces += [text[used:text_start], np.full(count, image_id, dtype=np.int64)]
+        used = text_start
+    row = np.concatenate([*pieces, text[used:]])
     return np.tile(row, (plan.request.batch, 1))
 
 
+def seeded_images(plan: VlmPlan, seed: int) -> Tensor:
+    """(B, C, H, W) seeded pixels; a prompt of several images: (B, images, C, H, W), the first image seed's own."""
+    request, images = plan.request, plan.prompt.images
+    if images == 1:
+        return seeded_pixels(plan.source, request, seed)
+    return torch.stack([seeded_pixels(plan.source, request, seed * 101 + i) for i in range(images)], dim=1)
+
+
 def component_samples(plan: VlmPlan, components: dict[str, Component], seed: int) -> dict[str, dict[str, Tensor]]:
-    """Seeded inputs for each component (a seeded image and prompt, chained through the eager components)."""
-    pixels = seeded_pixels(plan.source, plan.request, seed)
+    """Seeded inputs for each component (seeded images and prompt, chained through the eager components)."""
     ids = prefill_ids(plan.generation(), seeded_prompt(plan, seed))
-    return chained_samples(plan, components, pixels, ids)
+    return chained_samples(plan, components, seeded_images(plan, seed), ids)
 
 
 def chained_samples(
     plan: VlmPlan, components: dict[str, Component], pixels: Tensor, ids: np.ndarray
 ) -> dict[str, dict[str, Tensor]]:
-    """Each component's inputs for one image and prompt: vision -> prefill -> the first decode step."""
+    """Each component's inputs for one prompt: vision (its first image) -> prefill (every image's outputs,
+    concatenated in prompt order) -> the first decode step."""
     ids_tensor = torch.from_numpy(ids)
+    per_image = pixels[:, None] if plan.prompt.images == 1 else pixels
+    vision, prefill = components["vision"], components["prefill"]
     with torch.no_grad():
-        image_embeds = components["vision"].module(pixels)[0]
-        prefill_out = components["prefill"].module(ids_tensor, image_embeds)
+        encoded = [
+            dict(zip(vision.output_names, vision.module(per_image[:, i]), strict=True))
+            for i in range(per_image.shape[1])
+        ]
+        prefill_inputs = {
+            name: ids_tensor if name == INPUT_IDS else torch.cat([out[name] for out in encoded], dim=1)
+            for name in prefill.input_names
+        }
+        prefill_out = prefill.module(*prefill_inputs.values())
     token = prefill_out[0].argmax(dim=-1, keepdim=True)
     present = prefill_out[1 : 1 + 2 * plan.decoder.num_layers]
     past = dict(zip(components["decode"].input_names[2:], present, strict=True))
     return {
-        "vision": {"pixel_values": pixels},
-        "prefill": {"input_ids": ids_tensor, "image_embeds": image_embeds},
-        "decode": {"input_ids": token, "step": torch.zeros(1, dtype=torch.int64), **past},
+        "vision": {PIXEL_VALUES: per_image[:, 0]},
+        "prefill": prefill_inputs,
+        "decode": {INPUT_IDS: token, STEP_INPUT: torch.zeros(1, dtype=torch.int64), **past},
     }
 
 
@@ -278,22 +361,33 @@ def eager_loop(pruned: Pruned) -> GenerationLoop:
 
 
 def generation_inputs(pruned: Pruned, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    return seeded_pixels(pruned.source, pruned.request, seed).numpy(), seeded_prompt(pruned.plan, seed)
+    return seeded_images(pruned.plan, seed).numpy(), seeded_prompt(pruned.plan, seed)
 
 
-def check_generation(pruned: Pruned, exported: GenerationLoop, seeds: list[int]) -> GenerationCheck:
+def check_generation(
+    pruned: Pruned, exported: GenerationLoop, seeds: list[int], tolerance: Tolerance
+) -> GenerationCheck:
+    """Greedy tokens exported vs eager on seeded prompts; for a segmentation model also the final hidden state at
+    every [SEG] token fed (rows whose tokens agree), what a mask decoder would receive."""
     eager = eager_loop(pruned)
+    seg_id = pruned.plan.generation().seg_token_id
     check = GenerationCheck(len(seeds), pruned.plan.max_new_tokens, 0, 0)
     for sample, seed in enumerate(seeds):
         pixels, ids = generation_inputs(pruned, seed)
-        want = eager.generate(pixels, ids, stop_at_eos=False)
-        got = exported.generate(pixels, ids, stop_at_eos=False)
+        want, want_hidden = eager.generate_with_hidden(pixels, ids, stop_at_eos=False)
+        got, got_hidden = exported.generate_with_hidden(pixels, ids, stop_at_eos=False)
         equal = np.all(got == want, axis=1)
         check.rows += equal.size
         check.rows_equal += int(equal.sum())
         if check.first_difference is None and not equal.all():
             row = int(np.argmin(equal))
             check.first_difference = [sample, row, int(np.argmax(got[row] != want[row]))]
+        if seg_id is not None and want_hidden is not None:
+            fed = np.concatenate([ids[:, -1:], want[:, :-1]], axis=1)  # the token each hidden state belongs to
+            at = (fed == seg_id) & equal[:, None]
+            got_seg = got_hidden[at] if got_hidden is not None else np.zeros(0)
+            check.seg_hidden = Diff.of(got_seg, want_hidden[at], tolerance).worst(check.seg_hidden)
+            check.seg_tokens += int(at.sum())
     return check
 
 
@@ -306,9 +400,18 @@ def vlm_generation(manifest: Manifest) -> GenerationProtocol:
     return manifest.generation
 
 
+def prompt_pixels(manifest: Manifest) -> TensorSpec:
+    """The pixels a whole prompt takes: the vision graph's `pixel_values`, with an images axis for several."""
+    pixels = next(s for s in manifest.component(VISION).inputs if s.name == PIXEL_VALUES)
+    images = len(vlm_generation(manifest).prompt.starts)
+    if images == 1:
+        return pixels
+    return TensorSpec(PIXEL_VALUES, [pixels.shape[0], images, *pixels.shape[1:]], pixels.dtype)
+
+
 def check_generation_sample(pruned: Pruned, manifest: Manifest, sample: dict[str, np.ndarray]) -> ShippedCheck:
     name = f"{GENERATION_SAMPLE}: tokens = eager greedy generation on its inputs"
-    pixels = next(s for s in manifest.component(VISION).inputs if s.name == PIXEL_VALUES)
+    pixels = prompt_pixels(manifest)
     generation = vlm_generation(manifest)
     layout = {
         PIXEL_VALUES: (pixels.shape, pixels.dtype),
@@ -338,10 +441,13 @@ def schedule_point(schedule: TokenSchedule) -> str:
     if len(schedule.transitions) == 1 and schedule.prunes:
         layer = schedule.prunes[0].layer
         return f"inside the prefill, before decoder layer {layer} (layers 0..{layer - 1} see every token)"
-    steps = [
-        f"{'prune to ' + str(t.keep) if isinstance(t, Prune) else 're-admit every'} image tokens at layer {t.layer}"
-        for t in schedule.transitions
-    ]
+    steps = []
+    for t in schedule.transitions:
+        if isinstance(t, Prune):
+            which = "" if t.images is None or len(schedule.per_image) == 1 else f" of {_image_names(t.images)}"
+            steps.append(f"prune to {t.keep} image tokens{which} at layer {t.layer}")
+        else:
+            steps.append(f"re-admit every image token at layer {t.layer}")
     return "inside the prefill: " + ", then ".join(steps)
 
 
@@ -362,35 +468,58 @@ def render_ranges(ranges: list[dict[str, Any]]) -> str:
     return "layers " + ", ".join(f"{r['layers'][0]}-{r['layers'][1]}: {r['image_tokens']}" for r in ranges)
 
 
+def _image_names(images: list[int] | tuple[int, ...]) -> str:
+    return f"image {images[0]}" if len(images) == 1 else f"images {images[0]}-{images[-1]} together"
+
+
+def render_images(layer_range: dict[str, Any]) -> str:
+    """{per_image: [{images: [0], tokens: 138}, {images: [0, 1], tokens: 43}]} -> "image 0: 138 + images 0-1: 43 =
+    181"."""
+    parts = []
+    for block in layer_range["per_image"]:
+        parts.append(f"{_image_names(block['images'])}: {block['tokens']}")
+    return " + ".join(parts) + f" = {layer_range['image_tokens']}"
+
+
 def describe_vlm(the_plan: VlmPlan) -> dict[str, Any]:
     """The decoder side of a VLM plan: prompt and cache layout, the prefill taps, FLOPs against the unpruned model."""
-    unpruned = plan_vlm(replace(the_plan.request, method="none", keep=None, params={}), the_plan.source)
-    cache, prompt = the_plan.cache, the_plan.prompt
+    shots = {"shots": str(the_plan.prompt.images - 1)} if the_plan.prompt.images > 1 else {}
+    unpruned = plan_vlm(replace(the_plan.request, method="none", keep=None, params=shots), the_plan.source)
+    cache, prompt, schedule = the_plan.cache, the_plan.prompt, the_plan.schedule
     if not the_plan.method.prunes:
         point = "none: unpruned baseline (the projector and the decoder see every image token)"
         prefill_taps = []
     elif the_plan.prunes_in_prefill:
-        point, prefill_taps = schedule_point(the_plan.schedule), schedule_taps(the_plan.schedule)
+        point, prefill_taps = schedule_point(schedule), schedule_taps(schedule)
     else:
         point = "on the vision side: the projector and the decoder see only the kept tokens"
         prefill_taps = []
     flops, full = the_plan.flops(), unpruned.flops()
     first_token = flops["tower"] + flops["projector"] + flops["prefill"]
     full_first_token = full["tower"] + full["projector"] + full["prefill"]
+    image_flops = cache.image_token_flops(the_plan.decoder)
+    full_image_flops = unpruned.cache.image_token_flops(the_plan.decoder)
+    before = prompt.image_tokens * prompt.images
     return {
         "prune_point": point,
         "prefill_taps": prefill_taps,
-        "prompt": {"text_tokens": prompt.text_len, "image_start": prompt.image_start, "length": prompt.length},
-        "tokens": {"before": prompt.image_tokens, "after": the_plan.keep},
-        "tokens_per_layer": the_plan.schedule.describe(cache.num_layers),
+        "prompt": {
+            "text_tokens": prompt.text_len,
+            "image_start": prompt.image_start,
+            "image_starts": list(prompt.image_starts),
+            "length": prompt.length,
+        },
+        "tokens": {"before": before, "after": schedule.final_tokens},
+        "tokens_per_layer": schedule.describe(cache.num_layers),
         "prefill_length": cache.prefill_tokens,
         "cache_capacity": list(cache.capacities),
         "flops": {"pruned": flops, "unpruned": full},
+        "image_token_flops": {"pruned": image_flops, "unpruned": full_image_flops},
         "ideal_speedup": {
             "first_token": full_first_token / first_token,
             "decode_token": full["decode_token"] / flops["decode_token"],
         },
-        "downstream_token_ratio": the_plan.keep / prompt.image_tokens,
+        "downstream_token_ratio": schedule.final_tokens / before,
     }
 
 
@@ -405,7 +534,7 @@ class VlmKind(Kind[VlmPlan]):
         return {"generation": plan.generation()}
 
     def tokens_before(self, plan: VlmPlan) -> int:
-        return plan.prompt.image_tokens
+        return plan.prompt.image_tokens * plan.prompt.images
 
     def write_samples(self, directory: Path, pruned: Pruned) -> None:
         pixels, ids = generation_inputs(pruned, seed=0)
@@ -425,7 +554,7 @@ class VlmKind(Kind[VlmPlan]):
         return {"prompt_len": generation.prompt.text_tokens, "max_new_tokens": generation.max_new_tokens}
 
     def entry_specs(self, manifest: Manifest) -> dict[str, TensorSpec]:
-        pixels = next(s for s in manifest.component(VISION).inputs if s.name == PIXEL_VALUES)
+        pixels = prompt_pixels(manifest)
         prompt = TensorSpec(INPUT_IDS, [manifest.batch, vlm_generation(manifest).prompt.length], "int64")
         return {PIXEL_VALUES: pixels, INPUT_IDS: prompt}
 
@@ -446,7 +575,7 @@ class VlmKind(Kind[VlmPlan]):
         with step(f"greedy generation, {pruned.plan.max_new_tokens} tokens x {len(seeds)} prompts"):
             runs = {name: pair[0].run for name, pair in sessions.items()}
             loop = GenerationLoop(runs, vlm_generation(manifest))
-            report.generation = check_generation(pruned, loop, seeds)
+            report.generation = check_generation(pruned, loop, seeds, tolerance)
 
     def describe(self, request: PruneRequest, source: ModelSource) -> dict[str, Any]:
         if request.keep is None:
@@ -457,12 +586,25 @@ class VlmKind(Kind[VlmPlan]):
     def render(self, plan: dict[str, Any]) -> list[str]:
         lines = render_tower(plan)
         lines += [f"  tap decoder layer {tap['layer']}: {tap['reduction']}" for tap in plan["prefill_taps"]]
-        prompt = plan["prompt"]
+        prompt, tokens = plan["prompt"], plan["tokens"]
+        images = len(prompt["image_starts"])
+        where = f"image at {prompt['image_start']}" if images == 1 else f"{images} images at {prompt['image_starts']}"
         lines.append(
-            f"prompt: {prompt['text_tokens']} text tokens, image at {prompt['image_start']}; the prefill sees "
+            f"prompt: {prompt['text_tokens']} text tokens, {where}; the prefill sees "
             f"{plan['prefill_length']} positions; KV cache capacity per layer {plan['cache_capacity']}"
         )
         lines.append(f"image tokens per decoder layer range: {render_ranges(plan['tokens_per_layer'])}")
+        if images > 1:
+            lines += [
+                f"  layers {r['layers'][0]}-{r['layers'][1]}: {render_images(r)}" for r in plan["tokens_per_layer"]
+            ]
+        image_flops = plan["image_token_flops"]
+        lines.append(
+            f"image tokens: {tokens['before']} -> {tokens['after']} after the last transition "
+            f"({100 * (1 - tokens['after'] / tokens['before']):.1f} % removed); image-token prefill GFLOPs "
+            f"{image_flops['unpruned'] / 1e9:.3f} -> {image_flops['pruned'] / 1e9:.3f} "
+            f"({100 * (1 - image_flops['pruned'] / image_flops['unpruned']):.1f} % fewer)"
+        )
         pruned, full = plan["flops"]["pruned"], plan["flops"]["unpruned"]
         for stage in ("tower", "projector", "prefill", "decode_token"):
             lines.append(f"  {stage} GFLOPs: {full[stage] / 1e9:.3f} unpruned -> {pruned[stage] / 1e9:.3f}")

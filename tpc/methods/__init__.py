@@ -2,8 +2,8 @@
 
 `REGISTRY` is the list of methods tpc knows; the CLI, `tpc methods` and the export pipeline read it instead of
 branching on names. Importing this package (and listing or validating methods) does not import torch: the
-method modules (`hiprune`, `divprune`, `fastv`, `random`, `uniform`, `vla_pruner`, `none`) load on first use,
-as attributes of this package or with `from tpc.methods import hiprune`.
+method modules (`hiprune`, `divprune`, `fastv`, `catp`, `lvlm_csp`, `random`, `uniform`, `vla_pruner`, `none`)
+load on first use, as attributes of this package or with `from tpc.methods import hiprune`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tpc.methods.base import Method, Param, PrefillMethod, VisionMethod, VisionS
 from tpc.methods.registry import REGISTRY
 from tpc.methods.schedule import PrefillSignals
 
-_MODULES = ("divprune", "fastv", "hiprune", "none", "random", "uniform", "vla_pruner")
+_MODULES = ("catp", "divprune", "fastv", "hiprune", "lvlm_csp", "none", "random", "uniform", "vla_pruner")
 
 
 def get_method(name: str) -> Method:
@@ -46,10 +46,12 @@ __all__ = [
     "PrefillSignals",
     "VisionMethod",
     "VisionSignals",
+    "catp",
     "divprune",
     "fastv",
     "get_method",
     "hiprune",
+    "lvlm_csp",
     "none",
     "random",
     "register",

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ParamSpec
 
 from tpc.errors import UsageError, unknown_name
-from tpc.methods.schedule import PrefillSignals, TokenSchedule, Transition
+from tpc.methods.schedule import PrefillSignals, PromptImages, TokenSchedule, Transition
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -196,6 +196,7 @@ class VisionMethod(_ResolvesParams):
     stage: str = "vision"
     prunes: bool = True
     stateful: bool = False  # a vision-side method never carries state between calls
+    shots: tuple[int, int] = (0, 0)  # in-context example images of a VLM prompt: (fewest, default)
 
 
 @dataclass(frozen=True)
@@ -209,8 +210,8 @@ class PrefillMethod(_ResolvesParams):
     summary: str
     reference: str
     priority: Callable[[PrefillSignals, int, dict[str, Any]], Tensor]
-    # (params, keep, image tokens entering the decoder) -> the schedule's transitions (tpc.methods.schedule)
-    transitions: Callable[[dict[str, Any], int, int], tuple[Transition, ...]]
+    # (params, keep, where the image runs sit in the prompt the decoder receives) -> the schedule's transitions
+    transitions: Callable[[dict[str, Any], int, PromptImages], tuple[Transition, ...]]
     params: tuple[Param, ...] = ()
     # defaults that depend on the model: decoder depth -> {param: value}
     model_defaults: Callable[[int], dict[str, Any]] = field(default=lambda depth: {})
@@ -220,9 +221,13 @@ class PrefillMethod(_ResolvesParams):
     prunes: bool = True
     # carries state between control steps (a guide from earlier steps' attention): policies only
     stateful: bool = False
+    shots: tuple[int, int] = (0, 0)  # in-context example images of a VLM prompt: (fewest, default)
+    # params -> the name of a vision-graph output the prefill takes as its guide (LVLM_CSP's CLS attention), or None
+    vision_guide: Callable[[dict[str, Any]], str | None] = field(default=lambda params: None)
 
-    def schedule(self, params: dict[str, Any], keep: int, image_tokens: int) -> TokenSchedule:
-        return TokenSchedule(image_tokens, self.transitions(params, keep, image_tokens))
+    def schedule(self, params: dict[str, Any], keep: int, prompt: PromptImages) -> TokenSchedule:
+        per_image = prompt.tokens if len(prompt.tokens) > 1 else ()
+        return TokenSchedule(prompt.image_tokens, self.transitions(params, keep, prompt), per_image)
 
 
 Method = VisionMethod | PrefillMethod

@@ -23,6 +23,7 @@ from tpc.models_zoo.validate import safe_from_pretrained
 # hard-codes SYS_TOKEN_LEN = 35); "\n{question} ASSISTANT:" follows it. Used when a model has no tokenizer.
 DEFAULT_IMAGE_START = 35
 DEFAULT_TEXT_AFTER_IMAGE = 12
+SHOT_TEXT_TOKENS = 8  # each in-context example's text after its image, when a model has no tokenizer
 
 
 @dataclass(frozen=True)
@@ -107,17 +108,32 @@ class DecoderParts(Generic[DecoderModelT]):
 
 @dataclass(frozen=True)
 class PromptLayout:
-    """A static prompt: `text_len` text tokens with one image's `image_tokens` tokens at `image_start`."""
+    """A static prompt: `text_len` text tokens and one run of `image_tokens` tokens per image, image i's run at
+    `image_starts[i]` (positions in the prompt as transformers' processor expands it). Several images: an n-shot
+    in-context prompt, image_1 text_1 ... image_n text_n query-image query-text, after a system prefix."""
 
     text_len: int
-    image_start: int
-    image_tokens: int
-    template: tuple[int, ...] | None = None  # the chat template's ids (image as one token), when they fit
+    image_starts: tuple[int, ...]
+    image_tokens: int  # per image
+    template: tuple[int, ...] | None = None  # the chat template's ids (each image as one token), when they fit
+
+    @property
+    def image_start(self) -> int:
+        """The first image's first position."""
+        return self.image_starts[0]
+
+    @property
+    def images(self) -> int:
+        return len(self.image_starts)
 
     @property
     def length(self) -> int:
         """Tokens of the unpruned prompt, as transformers' processor expands it."""
-        return self.text_len + self.image_tokens
+        return self.text_len + self.images * self.image_tokens
+
+    def starts_with(self, per_image: int) -> tuple[int, ...]:
+        """Where the image runs start when each image is `per_image` tokens (a vision-side method's K)."""
+        return tuple(start - i * (self.image_tokens - per_image) for i, start in enumerate(self.image_starts))
 
 
 class LlavaAdapter(DecoderParts[LlavaForConditionalGeneration]):
@@ -176,6 +192,18 @@ class LlavaAdapter(DecoderParts[LlavaForConditionalGeneration]):
     def image_token_id(self, config: PretrainedConfig) -> int:
         return int(config.image_token_id)
 
+    def seg_token_id(self, config: PretrainedConfig) -> int | None:
+        """A LISA-style reasoning-segmentation model's [SEG] token (`seg_token_id`, or LISA's `seg_token_idx`):
+        the decoder's final hidden state at it prompts a SAM-style mask decoder. None: not a segmentation model."""
+        value = getattr(config, "seg_token_id", None)
+        value = getattr(config, "seg_token_idx", None) if value is None else value
+        if value is None:
+            return None
+        vocab = config.text_config.vocab_size
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
+            raise UsageError(f"config seg_token_id {value!r} is not a token id of the {vocab}-token vocabulary")
+        return value
+
     def eos_token_ids(self, config: PretrainedConfig) -> list[int]:
         eos = getattr(config.text_config, "eos_token_id", None)
         return [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
@@ -193,24 +221,44 @@ class LlavaAdapter(DecoderParts[LlavaForConditionalGeneration]):
     def lm_head(self, model: LlavaForConditionalGeneration) -> nn.Module:
         return model.lm_head
 
-    def default_layout(self, config: PretrainedConfig, path: Path | None, prompt_len: int | None) -> PromptLayout:
-        """The prompt: LLaVA-1.5's layout, or the model's chat template with one image when it has a tokenizer."""
-        template = chat_template_ids(path, self.image_token_id(config)) if path is not None else None
-        image_start = DEFAULT_IMAGE_START if template is None else template.index(self.image_token_id(config))
-        text_len = DEFAULT_IMAGE_START + DEFAULT_TEXT_AFTER_IMAGE if template is None else len(template) - 1
-        if prompt_len is not None:
-            if prompt_len < 2:
-                raise UsageError(f"--prompt-len {prompt_len} is too short: at least 2 text tokens around the image")
-            text_len, image_start = prompt_len, min(image_start, prompt_len - 1)
-        fitting = tuple(template) if template is not None and len(template) - 1 == text_len else None
-        return PromptLayout(text_len, image_start, self.image_tokens(config), fitting)
+    def default_layout(
+        self, config: PretrainedConfig, path: Path | None, prompt_len: int | None, shots: int = 0
+    ) -> PromptLayout:
+        """The prompt: LLaVA-1.5's layout, or the model's chat template when it has a tokenizer; with `shots`, that
+        many example images (each followed by its text) before the query image."""
+        image_id, images, count = self.image_token_id(config), shots + 1, self.image_tokens(config)
+        template = chat_template_ids(path, image_id, images) if path is not None else None
+        if template is not None and prompt_len in (None, len(template) - images):
+            at = [i for i, token in enumerate(template) if token == image_id]
+            starts = tuple(index + i * (count - 1) for i, index in enumerate(at))
+            return PromptLayout(len(template) - images, starts, count, tuple(template))
+        if shots == 0:
+            text_len = DEFAULT_IMAGE_START + DEFAULT_TEXT_AFTER_IMAGE
+            image_start = DEFAULT_IMAGE_START if template is None else template.index(image_id)
+            if prompt_len is not None:
+                if prompt_len < 2:
+                    raise UsageError(f"--prompt-len {prompt_len} is too short: at least 2 text tokens around the image")
+                text_len, image_start = prompt_len, min(image_start, prompt_len - 1)
+            return PromptLayout(text_len, (image_start,), count)
+        shot_text = shots * SHOT_TEXT_TOKENS
+        text_len = DEFAULT_IMAGE_START + shot_text + DEFAULT_TEXT_AFTER_IMAGE if prompt_len is None else prompt_len
+        prefix = min(DEFAULT_IMAGE_START, text_len - shot_text - 1)
+        if prefix < 1:
+            raise UsageError(
+                f"--prompt-len {prompt_len} is too short for {shots} shots: at least {shot_text + 2} text tokens "
+                f"(a prefix, {SHOT_TEXT_TOKENS} per example, the query's text)"
+            )
+        starts = tuple(prefix + i * (count + SHOT_TEXT_TOKENS) for i in range(images))
+        return PromptLayout(text_len, starts, count)
 
 
 DEFAULT_QUESTION = "What is shown in this image?"
+SHOT_ANSWER = "This is an example."  # each in-context example's text in a chat template
 
 
-def chat_template_ids(path: Path, image_token_id: int) -> list[int] | None:
-    """Token ids of the model's chat template for one image and a default question (image as one token)."""
+def chat_template_ids(path: Path, image_token_id: int, images: int = 1) -> list[int] | None:
+    """Token ids of the model's chat template for `images` images (image as one token): `images - 1` examples, each
+    an image and a short text, then the query image and a default question."""
     if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
         return None
     from transformers import AutoTokenizer
@@ -221,10 +269,10 @@ def chat_template_ids(path: Path, image_token_id: int) -> list[int] | None:
         return None
     if getattr(tokenizer, "chat_template", None) is None:
         return None
-    messages: list[dict[str, str | list[dict[str, str]]]] = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DEFAULT_QUESTION}]}
-    ]
+    parts = [{"type": "image"}, {"type": "text", "text": SHOT_ANSWER}] * (images - 1)
+    parts += [{"type": "image"}, {"type": "text", "text": DEFAULT_QUESTION}]
+    messages: list[dict[str, str | list[dict[str, str]]]] = [{"role": "user", "content": parts}]
     # transformers annotates a message's content as str only; a multimodal message's content is a list of parts
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # type: ignore[arg-type]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids if ids.count(image_token_id) == 1 else None
+    return ids if ids.count(image_token_id) == images else None

@@ -518,7 +518,7 @@ class OpenVlaAdapter(DecoderParts[OpenVlaForActionPrediction]):
         text = DEFAULT_TEXT_TOKENS if prompt_len is None else prompt_len
         if text < 2:
             raise UsageError(f"--prompt-len {text} is too short: BOS and at least one prompt token")
-        return PromptLayout(text, 1, self.policy(config).image_tokens)
+        return PromptLayout(text, (1,), self.policy(config).image_tokens)
 
     # where the parts are in a loaded model
     def language_model(self, model: OpenVlaForActionPrediction) -> DecoderStack:

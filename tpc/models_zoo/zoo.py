@@ -85,12 +85,14 @@ def _tiny_llava() -> LlavaConfig:
         max_position_embeddings=2048,
         initializer_range=0.1,  # peaked attention and logits, as in a trained model (see the module docstring)
     )
-    return LlavaConfig(
+    config = LlavaConfig(
         vision_config=_tiny("CLIPVisionConfig")().to_dict(),
         text_config=text.to_dict(),
         image_token_index=500,  # config.image_token_id (LlavaConfig.attribute_map)
         image_seq_length=256,
     )
+    config.seg_token_id = 501  # a LISA-style [SEG] vocabulary entry: exports output its final hidden state (seg_hidden)
+    return config
 
 
 def _llava_bench() -> LlavaConfig:

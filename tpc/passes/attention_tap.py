@@ -93,8 +93,9 @@ class ReceivedAttention(_Tap):
         return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
-class LastRowAttention(_Tap):
-    """Tap: softmax(q_last K^T * scale) of the last query row, mean over heads -> (B, N_keys) (FastV's signal).
+class RowAttention(_Tap):
+    """Tap: softmax(q_row K^T * scale) of one query row (default the last), mean over heads -> (B, N_keys): FastV's
+    signal (the last prompt token's row), or a vision tower's CLS row (`row=0`, what LVLM_CSP samples by).
 
     The layer itself runs on SDPA; only one extra row of probabilities is computed. Grouped-query attention
     repeats the key heads as the model's own attention does. The last row of a causal prompt sees every key.
@@ -102,9 +103,10 @@ class LastRowAttention(_Tap):
     `rows` as well (VLA-Pruner's action attention: the prompt's last row, then every decode step's).
     """
 
-    def __init__(self, every_call: bool = False) -> None:
+    def __init__(self, every_call: bool = False, row: int = -1) -> None:
         super().__init__()
         self.every_call = every_call
+        self.row = row
         self.rows: list[Tensor] = []
 
     def __call__(
@@ -118,11 +120,13 @@ class LastRowAttention(_Tap):
     ) -> tuple[Tensor, None]:
         if query.shape[2] == 1 and not self.every_call:  # a decode step: one query, no prompt row to score
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
-        logits = _row_logits(query[:, :, -1:], key, scaling)
-        if attention_mask is not None and attention_mask.dtype == torch.bool:  # True: may attend (a static cache)
-            logits = logits.masked_fill(~attention_mask[:, :, -1:, :], float("-inf"))
-        elif attention_mask is not None:  # additive
-            logits = logits + attention_mask[:, :, -1:, :]
+        row = self.row % query.shape[2]
+        logits = _row_logits(query[:, :, row : row + 1], key, scaling)
+        if attention_mask is not None:  # its row (a mask may broadcast one row over every query)
+            mask_row = self.row % attention_mask.shape[2]
+            mask = attention_mask[:, :, mask_row : mask_row + 1, :]
+            # boolean: True where it may attend (a static cache); otherwise additive
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
         self.value = torch.softmax(logits, dim=-1, dtype=torch.float32)[:, :, 0].mean(dim=1)
         if self.every_call:
             self.rows.append(self.value)
@@ -159,7 +163,7 @@ class SpanAttention(_Tap):
         return _sdpa(module, query, key, value, attention_mask, scaling=scaling)
 
 
-Tap = ReceivedAttention | LastRowAttention | SpanAttention
+Tap = ReceivedAttention | RowAttention | SpanAttention
 
 
 def _tap_or_sdpa(
@@ -183,7 +187,7 @@ AttentionInterface.register(TAP_IMPLEMENTATION, _tap_or_sdpa)
 _sdpa: Callable[..., tuple[Tensor, Tensor | None]] = sdpa_attention_forward
 
 
-T = TypeVar("T", bound=ReceivedAttention | LastRowAttention | SpanAttention)
+T = TypeVar("T", bound=ReceivedAttention | RowAttention | SpanAttention)
 
 
 def insert_taps(attention_modules: Mapping[int, Any], make_tap: Callable[[], T]) -> dict[int, T]:

@@ -3,9 +3,11 @@
 Which image tokens each layer sees is the method's token schedule (`tpc.methods.schedule`): the prefill runs the
 layers in order and applies each transition where it falls — a *prune* scores the image tokens present from the
 taps on the layer before it and keeps K of them (the shared select op), a *re-admit* brings every image token
-back, one dropped earlier with the hidden state it had when it was dropped. Text tokens are never dropped, image
-tokens stay in original order and keep their original position ids, so each layer's KV cache holds exactly the
-tokens it saw and its length is static (`DecoderLayout`).
+back, one dropped earlier with the hidden state it had when it was dropped (or its representative's update). Text
+tokens are never dropped and every token stays in prompt order (a prune over several images, whose text sits
+between them, re-orders nothing: it selects the survivors' places with the same select op), with its original
+position id unless a prune renumbers; so each layer's KV cache holds exactly the tokens it saw and its length is
+static (`DecoderLayout`).
 
 The cache is explicit tensors of static size: layer i's cache holds `capacity[i]` positions (its prefill length
 plus the decode steps). The prefill returns what it recorded (`RecordingCache`); `padded_cache` appends zero slots;
@@ -24,25 +26,47 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from tpc.methods.base import PrefillMethod
-from tpc.methods.schedule import ALL_ROWS, SPAN_ROWS, PrefillSignals, Prune, TapSpec, TokenSchedule, Transition
+from tpc.methods.lvlm_csp import representative_update
+from tpc.methods.schedule import (
+    ALL_ROWS,
+    REPRESENTATIVE,
+    SPAN_ROWS,
+    Block,
+    PrefillSignals,
+    PromptImages,
+    Prune,
+    Readmit,
+    TapSpec,
+    TokenSchedule,
+    Transition,
+)
 from tpc.models_zoo.llava import DecoderParts
 from tpc.ops import gather_tokens, select_indices
-from tpc.passes.attention_tap import LastRowAttention, ReceivedAttention, SpanAttention, Tap, attach_tap
+from tpc.passes.attention_tap import ReceivedAttention, RowAttention, SpanAttention, Tap, attach_tap
 
 
 @dataclass(frozen=True)
 class DecoderLayout:
     """The static prompt and cache of a decoder export, per layer, all derived from the token schedule."""
 
-    image_start: int  # where the image tokens sit in the prompt
+    image_starts: tuple[int, ...]  # where each image's tokens sit in the prompt the prefill receives
     text_tokens: int  # prompt tokens that are not image tokens (BOS included)
-    schedule: TokenSchedule  # schedule.image_tokens: image tokens the prefill receives
+    schedule: TokenSchedule  # schedule.image_tokens: image tokens the prefill receives (schedule.per_image: each's)
     num_layers: int
     decode_steps: int  # decode calls the cache has room for
 
     @property
+    def image_start(self) -> int:
+        """The first image's first position."""
+        return self.image_starts[0]
+
+    @property
     def image_tokens(self) -> int:
         return self.schedule.image_tokens
+
+    @property
+    def prompt(self) -> PromptImages:
+        return PromptImages(self.image_starts, self.schedule.per_image, self.prefill_tokens)
 
     @property
     def prefill_tokens(self) -> int:
@@ -60,18 +84,33 @@ class DecoderLayout:
 
     @property
     def next_position(self) -> int:
-        """Position id of the first decoded token: original positions are kept, so the prefill's full length."""
-        return self.prefill_tokens
+        """Position id of the first decoded token: the prefill's full length when every token keeps its original
+        position, the length after the renumbering layer when a prune renumbers them."""
+        renumbered = self.schedule.renumbered_tokens()
+        return self.prefill_tokens if renumbered is None else self.text_tokens + renumbered
 
     def span_at(self, span: tuple[int, int], layer: int) -> tuple[int, int]:
-        """A span of text tokens (start, stop in the prompt the prefill receives) where it sits at `layer`: after
-        the image, it moves with the image tokens present there."""
+        """A span of text tokens (start, stop in the prompt the prefill receives) where it sits at `layer`: it moves
+        with the image tokens dropped before it (which must have a static count there)."""
         start, stop = span
-        image_end = self.image_start + self.image_tokens
-        if not 0 <= start < stop <= self.prefill_tokens or (start < image_end and stop > self.image_start):
+        prompt = self.prompt
+        inside = [i for i in range(len(prompt.starts)) if start < prompt.span(i)[1] and stop > prompt.span(i)[0]]
+        if not 0 <= start < stop <= self.prefill_tokens or inside:
             raise ValueError(f"the span {span} is not a span of text tokens of the {self.prefill_tokens}-token prompt")
-        shift = self.schedule.tokens_per_layer(self.num_layers)[layer] - self.image_tokens if start >= image_end else 0
+        shift = 0
+        for block in self.schedule.blocks_at(layer, self.num_layers):
+            before = [prompt.span(i)[1] <= start for i in block.images]
+            if any(before) and not all(before):
+                raise ValueError(f"the span {span} sits between images pruned together: its place is data-dependent")
+            if all(before):
+                shift += block.tokens - sum(prompt.tokens[i] for i in block.images)
         return start + shift, stop + shift
+
+    def image_token_flops(self, decoder: Any) -> int:
+        """2x multiply-adds the prefill spends on image tokens: each layer's image tokens through its projections and
+        MLP, and their attention to the layer's prompt (causal: half of it on average)."""
+        layers = zip(self.schedule.tokens_per_layer(self.num_layers), self.kept_lengths, strict=True)
+        return sum(decoder.layer_flops(images, (length + 1) // 2) for images, length in layers)
 
     def flops(self, decoder: Any, decode_tokens: int = 1) -> tuple[int, int]:
         """(prefill, decode) 2x multiply-adds: every layer at its own length (causal: on average half the prompt
@@ -138,7 +177,94 @@ def _score_tap(spec: TapSpec, layout: DecoderLayout, layer: int) -> Tap:
     if spec.rows == SPAN_ROWS:
         assert spec.span is not None  # the schedule checks a span goes with these rows
         return SpanAttention(*layout.span_at(spec.span, layer))
-    return LastRowAttention()
+    return RowAttention()
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The present image tokens of some images, as the decoder knows them statically: how many there are, and
+    (when they form one run of the sequence at a static place: one image, nothing data-dependent before it) where
+    that run starts."""
+
+    present: int
+    images: tuple[int, ...]
+    offset: int | None
+
+
+@dataclass(frozen=True)
+class _PrunePlan(_Run):
+    """One prune, and where its run of `kept_indices` starts."""
+
+    prune: Prune
+    run: int
+
+
+def _prune_plans(schedule: TokenSchedule, prompt: PromptImages) -> dict[int, _Run]:
+    """Transition index -> its run: a prune's images, a re-admit's (every image)."""
+    plans: dict[int, _Run] = {}
+    run = 0
+    for index, transition in enumerate(schedule.transitions):
+        blocks = schedule.blocks_before(index)
+        if isinstance(transition, Prune):
+            group = schedule.group(transition)
+            present = sum(b.tokens for b in blocks if set(b.images) <= set(group))
+            plans[index] = _PrunePlan(present, group, _static_offset(group, blocks, prompt), transition, run)
+            run += transition.keep
+        else:
+            every = tuple(range(len(prompt.tokens)))
+            plans[index] = _Run(sum(b.tokens for b in blocks), every, _static_offset(every, blocks, prompt))
+    return plans
+
+
+def _static_offset(group: tuple[int, ...], blocks: tuple[Block, ...], prompt: PromptImages) -> int | None:
+    """Where one image's present tokens start in the sequence, if no block with a data-dependent split straddles
+    it (None otherwise, or for several images: the tokens are found by their prompt positions)."""
+    if len(group) != 1:
+        return None
+    image = group[0]
+    others = [b for b in blocks if image not in b.images]
+    if any(min(b.images) < image < max(b.images) for b in others):
+        return None
+    dropped = sum(sum(prompt.tokens[i] for i in b.images) - b.tokens for b in others if max(b.images) < image)
+    return prompt.starts[image] - dropped
+
+
+def _within(positions: Tensor, start: int, stop: int) -> Tensor:
+    """start <= positions < stop, as logical ops (Core ML's converter has no Python `&` / `|` on tensors)."""
+    return torch.logical_and(positions >= start, positions < stop)
+
+
+def _pick(x: Tensor, plan: _Run, where: Tensor) -> Tensor:
+    """The prune's images' present tokens of a sequence-shaped tensor (B, L[, D]): a slice when they form a run at
+    a static place, a gather otherwise."""
+    if plan.offset is not None:
+        return x[:, plan.offset : plan.offset + plan.present]
+    return gather_tokens(x, where) if x.dim() == 3 else x.gather(1, where)
+
+
+@dataclass(frozen=True)
+class _Sequence:
+    """The tokens present at a layer: their hidden states, prompt positions (ascending) and position ids."""
+
+    hidden: Tensor  # (B, L, D)
+    positions: Tensor  # (B, L) int64: where each token sat in the prompt
+    position_ids: Tensor  # (B, L) int64: its rotary position (its prompt position unless a prune renumbered)
+
+    def take(self, indices: Tensor) -> _Sequence:
+        """The tokens at `indices` (B, L') of the sequence, ascending."""
+        return _Sequence(
+            gather_tokens(self.hidden, indices), self.positions.gather(1, indices), self.position_ids.gather(1, indices)
+        )
+
+    def splice(self, offset: int, count: int, local: Tensor) -> _Sequence:
+        """The run offset..offset+count-1 cut to its tokens at `local` (B, K) (ascending), the rest unchanged."""
+
+        def cut(x: Tensor) -> Tensor:
+            run = x[:, offset : offset + count]
+            kept = gather_tokens(run, local) if x.dim() == 3 else run.gather(1, local)
+            return torch.cat([x[:, :offset], kept, x[:, offset + count :]], dim=1)
+
+        return _Sequence(cut(self.hidden), cut(self.positions), cut(self.position_ids))
 
 
 class ScheduledDecoder(nn.Module):
@@ -168,6 +294,7 @@ class ScheduledDecoder(nn.Module):
         self.transitions: dict[int, list[Transition]] = {}
         for transition in layout.schedule.transitions:
             self.transitions.setdefault(transition.layer, []).append(transition)
+        self.runs = _prune_plans(layout.schedule, layout.prompt)
 
     def run_layer(
         self, index: int, hidden: Tensor, rotary: tuple[Tensor, Tensor], mask: Tensor | None, cache: object
@@ -176,10 +303,14 @@ class ScheduledDecoder(nn.Module):
         output = layer(hidden, attention_mask=mask, position_embeddings=rotary, past_key_values=cache, use_cache=True)
         return output[0] if isinstance(output, tuple) else output
 
+    def final_hidden(self, hidden: Tensor) -> Tensor:
+        """(B, D) the final-norm hidden state of the last position: what the LM head reads, and what a
+        LISA-style mask decoder reads at a [SEG] token (`hidden_states[-1]`)."""
+        return self.adapter.final_norm(self.model, hidden[:, -1])
+
     def logits(self, hidden: Tensor) -> Tensor:
         """Logits of the last position only (all generation needs), in float32."""
-        last = self.adapter.final_norm(self.model, hidden[:, -1:])
-        return self.adapter.lm_head(self.model)(last)[:, 0].float()
+        return self.adapter.lm_head(self.model)(self.final_hidden(hidden)).float()
 
     def prefill(
         self,
@@ -188,78 +319,157 @@ class ScheduledDecoder(nn.Module):
         forced_indices: Tensor | None = None,
         guide: Tensor | None = None,
     ) -> tuple[Tensor, RecordingCache, Tensor | None]:
-        """Every layer over the prompt `hidden` (B, L, D), whose image tokens `image_embeds` sit at image_start,
-        applying the schedule: (last hidden states, the recorded cache, kept_indices or None).
+        """Every layer over the prompt `hidden` (B, L, D), whose image tokens `image_embeds` (B, N, D: every image's,
+        in prompt order) sit at the layout's image runs, applying the schedule: (last hidden states, the recorded
+        cache, kept_indices or None).
 
-        `kept_indices` (B, sum of the prunes' K): each prune's kept tokens as original image-token indices,
+        `kept_indices` (B, sum of the prunes' K): each prune's kept tokens as indices among all image tokens,
         ascending, in schedule order; `forced_indices` of that shape replaces every selection (teacher forcing).
-        `guide` (B, N): a stateful method's guide over the image tokens.
+        `guide` (B, N): a per-image-token signal from outside the decoder (a policy's history; a tower's attention).
         """
-        start, count = self.layout.image_start, self.layout.image_tokens
         batch, length = hidden.shape[:2]
-        device = hidden.device
-        before = torch.arange(start, device=device).expand(batch, start)
-        after = torch.arange(start + count, length, device=device).expand(batch, -1)
-        everything = torch.arange(count, device=device).expand(batch, count)
-        present, all_present = everything, True  # original indices of the image tokens present
-        # each image token's latest hidden state, for a re-admit
-        bank: Tensor | None = image_embeds if self.layout.schedule.readmits else None
-        rotary = self.adapter.rotary(self.model, hidden, torch.arange(length, device=device).expand(batch, length))
-        cache, kept_runs, offset = RecordingCache(), [], 0
+        every = torch.arange(length, device=hidden.device).expand(batch, length)
+        sequence, complete = _Sequence(hidden, every, every), True  # complete: every prompt token is present
+        # each prompt token's latest hidden state, for a re-admit
+        bank: Tensor | None = hidden if self.layout.schedule.readmits else None
+        rotary = self.adapter.rotary(self.model, hidden, every)
+        entering: Tensor | None = None  # the sequence entering the previous layer
+        cache, kept_runs, number = RecordingCache(), [], 0
         for index in range(self.num_layers):
-            for transition in self.transitions.get(index, []):
-                before_count = present.shape[1]
-                image = hidden[:, start : start + before_count]
+            transitions = self.transitions.get(index, [])
+            for transition in transitions:
+                run, number = self.runs[number], number + 1
                 if bank is not None:  # the present tokens' states, for a later re-admit
-                    index_grid = present[..., None].expand(-1, -1, bank.shape[-1])
-                    bank = image if all_present else bank.scatter(1, index_grid, image.to(bank.dtype))
-                if isinstance(transition, Prune):
-                    if forced_indices is not None:
-                        kept = forced_indices[:, offset : offset + transition.keep]
-                    else:
-                        kept = self._select(transition, index, image, present, all_present, image_embeds, guide, hidden)
-                    offset += transition.keep
-                    # where each kept token sits among the present ones (present is ascending)
-                    local = kept if all_present else (present[:, None, :] < kept[:, :, None]).sum(dim=-1)
-                    image, present, all_present = gather_tokens(image, local), kept, False
+                    grid = sequence.positions[..., None].expand(-1, -1, bank.shape[-1])
+                    bank = sequence.hidden if complete else bank.scatter(1, grid, sequence.hidden.to(bank.dtype))
+                if isinstance(run, _PrunePlan):
+                    forced = None if forced_indices is None else forced_indices[:, run.run : run.run + run.prune.keep]
+                    sequence, kept = self._prune(run, sequence, image_embeds, guide, entering, forced)
                     kept_runs.append(kept)
-                else:  # re-admit: every image token, the dropped ones with their state when dropped
-                    assert bank is not None  # kept whenever the schedule re-admits
-                    image, present, all_present = bank.to(hidden.dtype), everything, True
-                hidden = torch.cat([hidden[:, :start], image, hidden[:, start + before_count :]], dim=1)
-            if index in self.transitions:
-                positions = torch.cat([before, present + start, after], dim=1)  # original positions of the present
-                rotary = self.adapter.rotary(self.model, hidden, positions)
-            hidden = self.run_layer(index, hidden, rotary, None, cache)
+                    complete = False
+                else:  # re-admit: every token, a dropped one with its state when dropped (or its representative's)
+                    assert bank is not None and isinstance(transition, Readmit)  # a bank whenever it re-admits
+                    if transition.state == REPRESENTATIVE:
+                        bank = self._representative_bank(bank, sequence, image_embeds, run)
+                    sequence, complete = _Sequence(bank.to(hidden.dtype), every, every), True
+            if any(isinstance(t, Prune) and t.renumber for t in transitions):
+                renumbered = torch.arange(sequence.hidden.shape[1], device=hidden.device).expand(batch, -1)
+                sequence = _Sequence(sequence.hidden, sequence.positions, renumbered)
+            if transitions:
+                rotary = self.adapter.rotary(self.model, sequence.hidden, sequence.position_ids)
+            entering = sequence.hidden
+            sequence = _Sequence(
+                self.run_layer(index, sequence.hidden, rotary, None, cache), sequence.positions, sequence.position_ids
+            )
         kept_indices = torch.cat(kept_runs, dim=1) if len(kept_runs) > 1 else (kept_runs[0] if kept_runs else None)
-        return hidden, cache, kept_indices
+        return sequence.hidden, cache, kept_indices
 
-    def _select(
+    def _image_index(self, positions: Tensor, images: tuple[int, ...], inverse: bool = False) -> Tensor:
+        """Prompt positions of the images' tokens -> their indices among all image tokens (`inverse`: back)."""
+        prompt = self.layout.prompt
+        result = torch.zeros_like(positions)
+        for image in images:
+            start, stop = prompt.span(image)
+            first = prompt.first_index(image)
+            shift = first - start if not inverse else start - first
+            if len(images) == 1:
+                return positions + shift
+            low, high = (start, stop) if not inverse else (first, first + prompt.tokens[image])
+            result = result + _within(positions, low, high).long() * (positions + shift)
+        return result
+
+    def _prune(
         self,
-        prune: Prune,
-        layer: int,
-        image: Tensor,
-        present: Tensor,
-        all_present: bool,
+        plan: _PrunePlan,
+        sequence: _Sequence,
         image_embeds: Tensor,
         guide: Tensor | None,
-        context: Tensor,
+        entering: Tensor | None,
+        forced: Tensor | None,
+    ) -> tuple[_Sequence, Tensor]:
+        """One prune: (the sequence after it, its kept tokens as image-token indices, ascending)."""
+        prune = plan.prune
+        length = sequence.positions.shape[1]
+        where, member = self._locate(sequence, plan)
+        positions = _pick(sequence.positions, plan, where)
+        indices = self._image_index(positions, plan.images)
+        if forced is not None:
+            kept = forced
+            # where each kept token sits among the images' present tokens (both ascending)
+            kept_positions = self._image_index(forced, plan.images, inverse=True)
+            # (summed as integers: Core ML would sum booleans as floats and refuse them as gather indices)
+            local = (positions[:, None, :] < kept_positions[:, :, None]).to(torch.int32).sum(dim=-1).long()
+        else:
+            local = select_indices(
+                self._priority(plan, sequence, where, indices, image_embeds, guide, entering), prune.keep
+            )
+            kept = indices.gather(1, local)
+        if plan.offset is not None:
+            return sequence.splice(plan.offset, plan.present, local), kept
+        assert member is not None
+        chosen = where.gather(1, local)
+        chosen_mask = (chosen[:, :, None] == torch.arange(length, device=chosen.device)).any(dim=1)
+        stays = torch.logical_or(torch.logical_not(member), chosen_mask)
+        return sequence.take(select_indices(stays.float(), length - plan.present + prune.keep)), kept
+
+    def _locate(self, sequence: _Sequence, plan: _Run) -> tuple[Tensor, Tensor | None]:
+        """Where the run's images' present tokens sit in the sequence (B, present), ascending, and (when they are
+        not one run at a static place) which tokens of the sequence they are (B, L) bool."""
+        batch = sequence.positions.shape[0]
+        if plan.offset is not None:
+            where = torch.arange(plan.offset, plan.offset + plan.present, device=sequence.positions.device)
+            return where.expand(batch, -1), None
+        # exactly `present` tokens of the sequence lie in the images' prompt spans
+        member = torch.zeros_like(sequence.positions, dtype=torch.bool)
+        for image in plan.images:
+            start, stop = self.layout.prompt.span(image)
+            member = torch.logical_or(member, _within(sequence.positions, start, stop))
+        return select_indices(member.float(), plan.present), member
+
+    def _representative_bank(self, bank: Tensor, sequence: _Sequence, image_embeds: Tensor, run: _Run) -> Tensor:
+        """Every prompt token's state for a REPRESENTATIVE re-admit: text and present image tokens (the
+        representatives) as they are, every other image token its embedding plus its nearest representative's
+        update since layer 0 (`tpc.methods.lvlm_csp.representative_update`)."""
+        where, _ = self._locate(sequence, run)
+        representatives = self._image_index(_pick(sequence.positions, run, where), run.images)
+        states = representative_update(image_embeds, representatives, _pick(sequence.hidden, run, where))
+        every = torch.arange(image_embeds.shape[1], device=image_embeds.device).expand(image_embeds.shape[0], -1)
+        positions = self._image_index(every, run.images, inverse=True)
+        return bank.scatter(1, positions[..., None].expand(-1, -1, bank.shape[-1]), states.to(bank.dtype))
+
+    def _priority(
+        self,
+        plan: _PrunePlan,
+        sequence: _Sequence,
+        where: Tensor,
+        indices: Tensor,
+        image_embeds: Tensor,
+        guide: Tensor | None,
+        entering: Tensor | None,
     ) -> Tensor:
-        """The kept tokens of one prune, as original image-token indices (ascending)."""
-        start, count = self.layout.image_start, present.shape[1]
-        tapped = self.taps[layer - 1].latest() if layer > 0 else None  # layer 0: nothing was tapped yet
-        scores = tapped[:, start : start + count] if tapped is not None else image.new_zeros(present.shape)
-        previous = self.taps[layer - 2].latest()[:, start : start + count] if prune.previous else None
-        embeds = image_embeds if all_present else gather_tokens(image_embeds, present)
-        if guide is not None and not all_present:
-            guide = guide.gather(1, present)
-        signals = PrefillSignals(scores, embeds, guide, image, previous, context)
+        """The prune's priorities over its images' present tokens (B, N_p)."""
+        prune, layer = plan.prune, plan.prune.layer
+        if prune.rows is not None and layer > 0:
+            scores = _pick(self.taps[layer - 1].latest(), plan, where)
+        else:  # nothing tapped (layer 0, or a prune that reads no attention)
+            scores = sequence.hidden.new_zeros(where.shape, dtype=torch.float32)
+        previous = _pick(self.taps[layer - 2].latest(), plan, where) if prune.previous else None
+        signals = PrefillSignals(
+            scores=scores,
+            image_embeds=gather_tokens(image_embeds, indices),
+            guide=None if guide is None else guide.gather(1, indices),
+            hidden=_pick(sequence.hidden, plan, where),
+            previous_scores=previous,
+            context=sequence.hidden,
+            positions=sequence.positions,
+            previous_context=entering,
+            previous_hidden=None if entering is None else _pick(entering, plan, where),
+        )
         method_priority = self.method.priority if self.method is not None else None
         priority = prune.priority or method_priority
         if priority is None:
             raise ValueError(f"the prune at layer {layer} has no priority function and the decoder no method")
-        local = select_indices(priority(signals, prune.keep, self.params), prune.keep)
-        return local if all_present else present.gather(1, local)
+        return priority(signals, prune.keep, self.params)
 
     def decode_static(self, input_ids: Tensor, step: Tensor, past: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
         """One greedy step on the static cache: (hidden states of the new token, present.* in cache_names order)."""

@@ -36,7 +36,7 @@ from tpc.methods import PrefillMethod
 from tpc.methods.vla_pruner import GUIDE_DTYPES, guide_from_history
 from tpc.models_zoo import OpenVlaAdapter
 from tpc.models_zoo.openvla import OpenVlaForActionPrediction
-from tpc.passes.attention_tap import LastRowAttention, attach_tap
+from tpc.passes.attention_tap import RowAttention, attach_tap
 from tpc.passes.decoder import DecoderLayout, RecordingCache, ScheduledDecoder
 
 
@@ -68,14 +68,14 @@ class PolicyStep(nn.Module):
         self.action_dim = layout.decode_steps + 1
         self.input_names: tuple[str, ...] = (PIXEL_VALUES, INPUT_IDS)
         self.output_names: tuple[str, ...] = (ACTION_OUTPUT,)
-        self.history_tap: LastRowAttention | None = None
+        self.history_tap: RowAttention | None = None
         if self.method is not None:
             self.output_names += (KEPT_INDICES,)
         if history_layer is not None:
             self.input_names += (HISTORY_INPUT,)
             self.output_names += (IMPORTANCE_OUTPUT, HISTORY_OUTPUT)
             layers = adapter.decoder_layers(model)
-            self.history_tap = attach_tap(layers[history_layer].self_attn, LastRowAttention(every_call=True))
+            self.history_tap = attach_tap(layers[history_layer].self_attn, RowAttention(every_call=True))
 
     def forward(
         self,
@@ -116,7 +116,7 @@ class PolicyStep(nn.Module):
             guide = guide.expand(image.shape[0], -1)
         return self.decoder.prefill(hidden, image, forced_indices, guide)
 
-    def _importance(self, history_tap: LastRowAttention, kept: Tensor | None) -> Tensor:
+    def _importance(self, history_tap: RowAttention, kept: Tensor | None) -> Tensor:
         """(B, N): the recorded rows' attention to the image tokens the last layers keep (cache slots 1..K), action
         mean, scattered to the image grid with zeros at pruned tokens."""
         num_image = self.layout.image_tokens

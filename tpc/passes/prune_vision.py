@@ -18,7 +18,7 @@ from tpc.contract.names import KEPT_INDICES
 from tpc.methods import VisionMethod, VisionSignals
 from tpc.models_zoo import VisionEncoderAdapter, VisionGeometry
 from tpc.ops import gather_tokens, select_tokens
-from tpc.passes.attention_tap import ReceivedAttention, insert_taps
+from tpc.passes.attention_tap import ReceivedAttention, RowAttention, attach_tap, insert_taps
 
 INPUT_NAMES = ("pixel_values",)
 OUTPUT_NAMES = ("kept_features", KEPT_INDICES)
@@ -40,6 +40,7 @@ class VisionCut:
     method_params: dict[str, Any]
     feature_layers: tuple[int, ...]
     keep_prefix: bool = False
+    cls_layer: int | None = None  # output this layer's CLS-row attention to each image token (`cls_attention`)
 
     @property
     def kept_prefix(self) -> int:
@@ -56,7 +57,7 @@ class VisionCut:
     @property
     def depth(self) -> int:
         """Tower layers the pruned graph runs."""
-        return max((*self.feature_layers, *self.tapped_layers))
+        return max((*self.feature_layers, *self.tapped_layers, *((self.cls_layer,) if self.cls_layer else ())))
 
 
 class PrunedVisionEncoder(nn.Module):
@@ -75,6 +76,16 @@ class PrunedVisionEncoder(nn.Module):
         layers = cut.adapter.layers(model)
         attentions = {n: cut.adapter.attention(layers[n - 1]) for n in cut.tapped_layers}
         self.taps = insert_taps(attentions, ReceivedAttention)
+        self.cls_tap: RowAttention | None = None
+        if cut.cls_layer is not None:
+            assert cut.cls_layer not in self.taps, "one tap per layer"
+            self.cls_tap = attach_tap(cut.adapter.attention(layers[cut.cls_layer - 1]), RowAttention(row=0))
+
+    def cls_attention(self) -> Tensor:
+        """(B, N) the CLS row's attention at `cut.cls_layer` to each token handed on, head mean (the last call's)."""
+        assert self.cls_tap is not None, "the cut has no CLS layer"
+        prefix = self.cut.geometry.prefix_tokens
+        return self.cls_tap.latest()[:, prefix - self.cut.kept_prefix :]
 
     def forward(self, pixel_values: Tensor, forced_indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`forced_indices` replaces the selection (teacher forcing, to separate a selection flip from drift)."""

@@ -18,35 +18,47 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tpc.contract.names import IMAGE_EMBEDS, INPUT_IDS, LOGITS, SEG_HIDDEN, STEP_INPUT
 from tpc.contract.protocols import GenerationProtocol
 from tpc.errors import UsageError
 from tpc.runtimes.base import RunComponent, load_export
-from tpc.runtimes.inputs import check_floats, check_ids, resolve_strict
+from tpc.runtimes.inputs import Shape, check_floats, check_ids, resolve_strict
 
 if TYPE_CHECKING:
     from tpc.contract.manifest import ComponentSpec, Manifest
 
 
+def _runs(images: int, count: int) -> str:
+    return f"{count} image tokens" if images == 1 else f"{images} x {count} image tokens"
+
+
 def prefill_ids(generation: GenerationProtocol, input_ids: np.ndarray) -> np.ndarray:
-    """The prompt as the prefill graph takes it: the image run shortened to the image embeddings it receives.
+    """The prompt as the prefill graph takes it: each image's run shortened to the image embeddings it receives.
 
     Raises UsageError unless the prompt has the export's static layout.
     """
     prompt = generation.prompt
-    start, count, image_id = prompt.image_start, prompt.image_tokens, generation.image_token_id
+    starts, count, image_id = prompt.starts, prompt.image_tokens, generation.image_token_id
     if input_ids.ndim != 2 or input_ids.shape[1] != prompt.length:
         raise UsageError(
             f"input_ids has shape {list(input_ids.shape)}; this export takes (batch, {prompt.length}): "
-            f"{prompt.text_tokens} text tokens and {count} image tokens (re-export with --prompt-len to change it)"
+            f"{prompt.text_tokens} text tokens and {_runs(len(starts), count)} (re-export with --prompt-len to change "
+            "it)"
         )
     is_image = input_ids == image_id
-    if not is_image[:, start : start + count].all() or is_image.sum(axis=1).max() != count:
+    runs = [is_image[:, start : start + count].all() for start in starts]
+    if not all(runs) or is_image.sum(axis=1).max() != count * len(starts):
+        where = ", ".join(f"{start}..{start + count - 1}" for start in starts)
         raise UsageError(
-            f"input_ids must hold exactly one run of {count} image tokens (id {image_id}) at positions "
-            f"{start}..{start + count - 1}, as the export's static prompt layout says"
+            f"input_ids must hold exactly {'one run' if len(starts) == 1 else f'{len(starts)} runs'} of {count} image "
+            f"tokens (id {image_id}) at positions {where}, as the export's static prompt layout says"
         )
-    kept = generation.prefill.image_tokens
-    return np.concatenate([input_ids[:, : start + kept], input_ids[:, start + count :]], axis=1)
+    kept = generation.prefill.image_tokens // len(starts)
+    pieces, position = [], 0
+    for start in starts:
+        pieces.append(input_ids[:, position : start + kept])
+        position = start + count
+    return np.concatenate([*pieces, input_ids[:, position:]], axis=1)
 
 
 def vocab_size(components: Sequence[ComponentSpec]) -> tuple[int | None, str]:
@@ -79,27 +91,39 @@ class GenerationLoop:
         self.vocab = vocab
         self.strict = strict
 
+    @property
+    def images(self) -> int:
+        return len(self.generation.prompt.starts)
+
     def check_inputs(self, pixel_values: Any, input_ids: Any, strict: bool | None = None) -> tuple[np.ndarray, ...]:
         """(pixel_values, input_ids) as the graphs take them, or one UsageError line naming the expected layout."""
         prompt, image_id = self.generation.prompt, self.generation.image_token_id
-        start, count = prompt.image_start, prompt.image_tokens
+        starts, count = prompt.starts, prompt.image_tokens
+        shape: Shape
         shape, dtype = self.pixel_spec if self.pixel_spec else ((None, None, None, None), None)
+        what = "batch, channels, height, width: the processor's normalised image"
+        if self.images > 1:  # one image per run, in prompt order
+            shape = [shape[0], self.images, *shape[1:]]
+            what = f"batch, {self.images} images (the examples', then the query's), channels, height, width"
         pixels = check_floats(
-            pixel_values,
-            "pixel_values",
-            shape,
-            dtype,
-            "batch, channels, height, width: the processor's normalised image",
-            resolve_strict(strict, self.strict),
-            stacklevel=3,
+            pixel_values, "pixel_values", shape, dtype, what, resolve_strict(strict, self.strict), stacklevel=3
         )
+        where = ", ".join(f"{start}..{start + count - 1}" for start in starts)
         layout = (
-            f"batch, {prompt.length} = {prompt.text_tokens} text + {count} image tokens (id {image_id}) at "
-            f"positions {start}..{start + count - 1}; re-export with --prompt-len to change the text length"
+            f"batch, {prompt.length} = {prompt.text_tokens} text + {_runs(len(starts), count)} (id {image_id}) at "
+            f"positions {where}; re-export with --prompt-len to change the text length"
         )
         size, source = self.vocab
         ids = check_ids(input_ids, "input_ids", (pixels.shape[0], prompt.length), layout, size, source, (image_id,))
         return pixels, ids
+
+    def encode_images(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """The vision graph once per image (the same static graph as for one image; examples could be cached),
+        its outputs concatenated along the token axis in prompt order: what the prefill takes from it."""
+        per_image = pixel_values[:, None] if self.images == 1 else pixel_values
+        outputs = [self.components["vision"]({"pixel_values": per_image[:, i]}) for i in range(self.images)]
+        names = (IMAGE_EMBEDS, *(self.generation.vision_to_prefill or ()))
+        return {name: np.concatenate([out[name] for out in outputs], axis=1) for name in names}
 
     def generate(
         self,
@@ -111,11 +135,24 @@ class GenerationLoop:
     ) -> np.ndarray:
         """Greedy tokens (B, n) after the prompt; n <= max_new_tokens, fewer if every row ended with EOS.
 
-        `pixel_values`: (B, C, H, W), any float dtype, numpy or torch. `input_ids`: the prompt as transformers'
-        processor makes it (the image expanded to its image tokens), of the export's static length. Rows that
-        ended are padded with their EOS, as `generate` pads them. `strict`: NaN/inf pixels raise instead of warning
-        (default: the loop's `strict`).
+        `pixel_values`: (B, C, H, W) (a prompt of several images: (B, images, C, H, W), in prompt order), any float
+        dtype, numpy or torch. `input_ids`: the prompt as transformers' processor makes it (each image expanded to
+        its image tokens), of the export's static length. Rows that ended are padded with their EOS, as `generate`
+        pads them. `strict`: NaN/inf pixels raise instead of warning (default: the loop's `strict`).
         """
+        return self.generate_with_hidden(pixel_values, input_ids, max_new_tokens, stop_at_eos, strict)[0]
+
+    def generate_with_hidden(
+        self,
+        pixel_values: Any,
+        input_ids: Any,
+        max_new_tokens: int | None = None,
+        stop_at_eos: bool = True,
+        strict: bool | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """`generate`'s tokens (B, n) and, when the export outputs `seg_hidden`, the decoder's final hidden state of
+        every token it was fed (B, n, D): [:, 0] the prompt's last token, [:, t] generated token t (t < n; the last
+        one is never fed). Where a token is the [SEG] token, that is what a SAM-style mask decoder consumes."""
         limit = self.generation.max_new_tokens
         steps = limit if max_new_tokens is None else max_new_tokens
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= limit:
@@ -124,13 +161,15 @@ class GenerationLoop:
             )
         pixel_values, input_ids = self.check_inputs(pixel_values, input_ids, strict)
         eos = np.asarray(self.generation.eos_token_ids if stop_at_eos else [], dtype=np.int64)
-        image_embeds = self.components["vision"]({"pixel_values": pixel_values})["image_embeds"]
         ids = prefill_ids(self.generation, input_ids)
-        out = self.components["prefill"]({"input_ids": ids, "image_embeds": image_embeds})
+        out = self.components["prefill"]({INPUT_IDS: ids, **self.encode_images(pixel_values)})
         tokens: list[np.ndarray] = []
+        hidden: list[np.ndarray] = []
         finished = np.zeros(ids.shape[0], dtype=bool)
         for step in range(steps):
-            token = out["logits"].argmax(axis=-1).astype(np.int64)
+            if SEG_HIDDEN in out:
+                hidden.append(out[SEG_HIDDEN])
+            token = out[LOGITS].argmax(axis=-1).astype(np.int64)
             if tokens and eos.size:
                 token = np.where(finished, tokens[-1], token)
             tokens.append(token)
@@ -142,9 +181,9 @@ class GenerationLoop:
                 for name, value in out.items()
                 if name.startswith("present.")
             }
-            inputs = {"input_ids": token[:, None], "step": np.array([step], dtype=np.int64), **past}
+            inputs = {INPUT_IDS: token[:, None], STEP_INPUT: np.array([step], dtype=np.int64), **past}
             out = self.components["decode"](inputs)
-        return np.stack(tokens, axis=1)
+        return np.stack(tokens, axis=1), np.stack(hidden, axis=1) if hidden else None
 
 
 class VLM(GenerationLoop):

@@ -42,7 +42,7 @@ from tpc.verification.shipped import check_shipped, kept_problems, sample_file
 
 def request_from_manifest(manifest: Manifest) -> PruneRequest:
     model = manifest.model["ref"] if manifest.model["ref"].startswith("zoo:") else manifest.model["path"]
-    params = {k: str(v) for k, v in manifest.params.items()}
+    params = {k: str(v) for k, v in manifest.params.items() if v is not None}  # None: the default, derived again
     options = kind_of(manifest).request_options(manifest)
     return PruneRequest(model, manifest.method, manifest.keep, params, manifest.dtype, manifest.batch, **options)
 
@@ -72,6 +72,12 @@ def _diagnose(report: VerifyReport) -> str:
             f"the exported policy's episode differs from eager at episode {where[0]}, step {where[1]} although every "
             "graph matches on its samples: a selection or argmax near-tie, carried on by the state"
         )
+    if (
+        report.generation is not None
+        and report.generation.rows_equal == report.generation.rows
+        and (report.generation.seg_hidden is not None and not report.generation.seg_hidden.passed)
+    ):
+        return "the final hidden state at [SEG] (seg_hidden, what a mask decoder reads) drifts beyond tolerance"
     if report.generation is not None and not report.generation.passed:
         sample, row, position = report.generation.first_difference or [0, 0, 0]
         return (
