@@ -274,15 +274,20 @@ def test_catp_exports_to_onnx_and_verifies(tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["onnx", "executorch"])
-def test_lvlm_csp_exports_with_seg_hidden_and_verifies(tmp_path, target) -> None:
-    request = PruneRequest(MODEL, "lvlm-csp", 64, {}, max_new_tokens=8)
+@pytest.mark.parametrize(("target", "params"), [("onnx", {"sampler": "cls-attention"}), ("executorch", {})])
+def test_lvlm_csp_exports_with_seg_hidden_and_verifies(tmp_path, target, params) -> None:
+    """ONNX with the cls-attention sampler (the vision graph's `cls_attention` feeds the prefill), ExecuTorch with
+    the default uniform one; both with `seg_hidden` on prefill and decode."""
+    request = PruneRequest(MODEL, "lvlm-csp", 64, params, max_new_tokens=8)
     result = export(request, target, tmp_path / target, samples=2)
     assert result.report is not None and result.report.passed, result.report and result.report.diagnosis
     manifest = Manifest.read(tmp_path / target)
     outputs = {c.name: [s.name for s in c.outputs] for c in manifest.components}
     assert SEG_HIDDEN in outputs["prefill"] and SEG_HIDDEN in outputs["decode"]
     assert manifest.generation.seg_token_id == 501
+    assert result.report.generation is not None and result.report.generation.seg_tokens >= 2
+    if params:
+        assert CLS_ATTENTION in outputs["vision"] and manifest.generation.vision_to_prefill == (CLS_ATTENTION,)
 
 
 def test_lvlm_csp_runs_a_policy_step() -> None:

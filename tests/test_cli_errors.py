@@ -24,7 +24,7 @@ def _export(out: Path, *extra: str, model: str = "zoo:tiny-clip") -> list[str]:
 
 
 CASES = [
-    (["--method", "nosuch", "--keep", "8"], "unknown method 'nosuch'; valid: divprune, fastv, hiprune"),
+    (["--method", "nosuch", "--keep", "8"], "unknown method 'nosuch'; valid: catp, divprune, fastv, hiprune"),
     (["--method", "hiprune", "--keep", "8", "--target", "tflite"], "unknown target 'tflite'; valid: coreml"),
     (["--method", "hiprune", "--keep", "0"], "--keep 0 is out of range: the encoder has 256 patch tokens"),
     (["--method", "hiprune", "--keep", "257"], "--keep 257 is out of range"),

@@ -1,6 +1,7 @@
 """The token schedule is the one shape of decoder pruning: two test-only methods registered from here, one that
 prunes at two successive layers and one that runs layers 0..a on a few representatives, a..b on every image token
-again and b.. on K, build through the same decoder rewrite as FastV, export to ONNX and verify."""
+again and b.. on K, and one that scores a text span's attention change, build through the same decoder rewrite as
+FastV; the first and the last export to ONNX and verify (the second's shape is LVLM_CSP's, exported with it)."""
 
 from __future__ import annotations
 
@@ -173,7 +174,7 @@ def test_a_span_after_the_image_moves_with_the_pruned_tokens() -> None:
     ("method", "params", "per_layer"),
     [
         ("test-two-prunes", {"layer": "1", "first": "0.5"}, (256, 148, 40, 40)),
-        ("test-cluster-readmit", {"representatives": "32", "readmit": "1", "prune": "3"}, (32, 256, 256, 40)),
+        # cluster -> re-admit -> prune is exported as LVLM_CSP (tests/test_catp_lvlm_csp.py)
         ("test-span-change", {}, (256, 256, 256, 40)),
     ],
 )
@@ -184,7 +185,7 @@ def test_schedule_methods_export_to_onnx_and_verify(tmp_path, method, params, pe
     manifest = Manifest.read(tmp_path / "out")
     text = manifest.generation.prompt.text_tokens
     assert list(manifest.generation.cache.lengths_after_prefill) == [text + n for n in per_layer]
-    runs = {"test-cluster-readmit": [32, 40], "test-two-prunes": [148, 40], "test-span-change": [40]}[method]
+    runs = {"test-two-prunes": [148, 40], "test-span-change": [40]}[method]
     assert manifest.tokens.get("kept_runs") == (runs if len(runs) > 1 else None)  # recorded when there are several
     kept = read_samples(tmp_path / "out", "prefill", "expected.npz")[KEPT_INDICES]
     assert kept.shape == (1, sum(runs)) and np.all(kept < 256)

@@ -193,13 +193,13 @@ class _Run:
 
 @dataclass(frozen=True)
 class _PrunePlan(_Run):
-    """One prune, and where its run of `kept_indices` starts."""
+    """One prune, and where its kept tokens start in `kept_indices`."""
 
     prune: Prune
-    run: int
+    kept_offset: int
 
 
-def _prune_plans(schedule: TokenSchedule, prompt: PromptImages) -> dict[int, _Run]:
+def _transition_runs(schedule: TokenSchedule, prompt: PromptImages) -> dict[int, _Run]:
     """Transition index -> its run: a prune's images, a re-admit's (every image)."""
     plans: dict[int, _Run] = {}
     run = 0
@@ -294,7 +294,7 @@ class ScheduledDecoder(nn.Module):
         self.transitions: dict[int, list[Transition]] = {}
         for transition in layout.schedule.transitions:
             self.transitions.setdefault(transition.layer, []).append(transition)
-        self.runs = _prune_plans(layout.schedule, layout.prompt)
+        self.runs = _transition_runs(layout.schedule, layout.prompt)
 
     def run_layer(
         self, index: int, hidden: Tensor, rotary: tuple[Tensor, Tensor], mask: Tensor | None, cache: object
@@ -343,7 +343,11 @@ class ScheduledDecoder(nn.Module):
                     grid = sequence.positions[..., None].expand(-1, -1, bank.shape[-1])
                     bank = sequence.hidden if complete else bank.scatter(1, grid, sequence.hidden.to(bank.dtype))
                 if isinstance(run, _PrunePlan):
-                    forced = None if forced_indices is None else forced_indices[:, run.run : run.run + run.prune.keep]
+                    forced = (
+                        None
+                        if forced_indices is None
+                        else forced_indices[:, run.kept_offset : run.kept_offset + run.prune.keep]
+                    )
                     sequence, kept = self._prune(run, sequence, image_embeds, guide, entering, forced)
                     kept_runs.append(kept)
                     complete = False

@@ -95,8 +95,11 @@ class GenerationLoop:
     def images(self) -> int:
         return len(self.generation.prompt.starts)
 
-    def check_inputs(self, pixel_values: Any, input_ids: Any, strict: bool | None = None) -> tuple[np.ndarray, ...]:
-        """(pixel_values, input_ids) as the graphs take them, or one UsageError line naming the expected layout."""
+    def check_inputs(
+        self, pixel_values: Any, input_ids: Any, strict: bool | None = None, stacklevel: int = 3
+    ) -> tuple[np.ndarray, ...]:
+        """(pixel_values, input_ids) as the graphs take them, or one UsageError line naming the expected layout
+        (`stacklevel`: where a non-finite-pixel warning points, counted from `check_floats`)."""
         prompt, image_id = self.generation.prompt, self.generation.image_token_id
         starts, count = prompt.starts, prompt.image_tokens
         shape: Shape
@@ -106,7 +109,7 @@ class GenerationLoop:
             shape = [shape[0], self.images, *shape[1:]]
             what = f"batch, {self.images} images (the examples', then the query's), channels, height, width"
         pixels = check_floats(
-            pixel_values, "pixel_values", shape, dtype, what, resolve_strict(strict, self.strict), stacklevel=3
+            pixel_values, "pixel_values", shape, dtype, what, resolve_strict(strict, self.strict), stacklevel
         )
         where = ", ".join(f"{start}..{start + count - 1}" for start in starts)
         layout = (
@@ -140,7 +143,7 @@ class GenerationLoop:
         its image tokens), of the export's static length. Rows that ended are padded with their EOS, as `generate`
         pads them. `strict`: NaN/inf pixels raise instead of warning (default: the loop's `strict`).
         """
-        return self.generate_with_hidden(pixel_values, input_ids, max_new_tokens, stop_at_eos, strict)[0]
+        return self._generate(pixel_values, input_ids, max_new_tokens, stop_at_eos, strict)[0]
 
     def generate_with_hidden(
         self,
@@ -153,13 +156,19 @@ class GenerationLoop:
         """`generate`'s tokens (B, n) and, when the export outputs `seg_hidden`, the decoder's final hidden state of
         every token it was fed (B, n, D): [:, 0] the prompt's last token, [:, t] generated token t (t < n; the last
         one is never fed). Where a token is the [SEG] token, that is what a SAM-style mask decoder consumes."""
+        return self._generate(pixel_values, input_ids, max_new_tokens, stop_at_eos, strict)
+
+    def _generate(
+        self, pixel_values: Any, input_ids: Any, max_new_tokens: int | None, stop_at_eos: bool, strict: bool | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         limit = self.generation.max_new_tokens
         steps = limit if max_new_tokens is None else max_new_tokens
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= limit:
             raise UsageError(
                 f"max_new_tokens {steps!r} is not an integer in 1..{limit}, the cache size this export was built for"
             )
-        pixel_values, input_ids = self.check_inputs(pixel_values, input_ids, strict)
+        # a warning points at the caller of generate / generate_with_hidden
+        pixel_values, input_ids = self.check_inputs(pixel_values, input_ids, strict, stacklevel=4)
         eos = np.asarray(self.generation.eos_token_ids if stop_at_eos else [], dtype=np.int64)
         ids = prefill_ids(self.generation, input_ids)
         out = self.components["prefill"]({INPUT_IDS: ids, **self.encode_images(pixel_values)})
