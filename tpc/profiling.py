@@ -111,6 +111,7 @@ def input_layout(manifest: Manifest) -> dict[str, Any]:
         prompt = protocol.prompt
         layout["prompt"] = {
             "text_tokens": prompt.text_tokens,
+            "images": len(prompt.starts),
             "image_tokens": prompt.image_tokens,
             "length": prompt.length,
         }
