@@ -92,9 +92,10 @@ def _hf(pruned) -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration.from_pretrained(str(pruned.source.path), attn_implementation="eager").eval()
 
 
-def test_catp_stages_1_and_2_equal_a_reference_on_transformers_outputs() -> None:
-    """Stage 1 from transformers' projected image features and text embeddings; stage 2 from the eager attention
-    maps and hidden states of transformers' decoder run on the stage-1 sequence at its original positions."""
+def test_catp_stages_equal_a_reference_on_transformers_outputs() -> None:
+    """Stage 1 from transformers' projected image features and text embeddings; stages 2 and 3 from the eager
+    attention maps and hidden states of transformers' decoder run on the stage-1 sequence at its original
+    positions."""
     pruned = build(PruneRequest(MODEL, "catp", 64, {"shots": "2"}))
     prompt = pruned.plan.generation().prompt
     starts, count = prompt.starts, prompt.image_tokens
@@ -137,8 +138,15 @@ def test_catp_stages_1_and_2_equal_a_reference_on_transformers_outputs() -> None
     chosen = image_positions.sort().values[: 2 * 138][select_indices(scores[None], 43)[0]]
     want = torch.stack([(p - starts[0]) if p < starts[1] else (p - starts[1] + count) for p in chosen])
     assert torch.equal(got[3 * 138 : 3 * 138 + 43], want)
-    # the query's run: 21 of its 138 stage-1 tokens
-    assert set(got[-21:].tolist()) <= set(stage1[2].tolist())
+    # stage 3 before layer K+1: the query image's tokens against the kept examples' image tokens, both as they
+    # enter layer K (the paper's layer K+1: A4's input) -- computed over the stage-1 sequence, since the examples'
+    # prune happens after layer K-1
+    entering = out.hidden_states[layer][0]
+    query_image = torch.isin(positions, image_positions) & (positions >= starts[2])
+    kept_context = torch.isin(positions, chosen)
+    scores = catp.query_scores(entering[query_image], entering[kept_context])
+    want = stage1[2][select_indices(scores[None], 21)[0]]
+    assert torch.equal(got[-21:], want)
 
 
 def _prefill_on(pruned, pixels: np.ndarray, ids: np.ndarray) -> dict[str, torch.Tensor]:
