@@ -17,7 +17,16 @@ from tpc.inspect import describe
 from tpc.kinds.vlm import chained_samples, eager_loop
 from tpc.methods import catp, uniform
 from tpc.methods.registry import catp_budget
-from tpc.methods.schedule import LAST_ROW, REPRESENTATIVE, Block, PromptImages, Prune, Readmit, TokenSchedule
+from tpc.methods.schedule import (
+    LAST_ROW,
+    REPRESENTATIVE,
+    Block,
+    PromptImages,
+    Prune,
+    Readmit,
+    TapSpec,
+    TokenSchedule,
+)
 from tpc.ops import select_indices
 from tpc.pipeline import PruneRequest, build
 from tpc.runtimes.generation import prefill_ids
@@ -48,7 +57,7 @@ def test_a_multi_image_schedule_tracks_blocks_of_images() -> None:
     )
     assert schedule.tokens_per_layer(4) == (26, 26, 19, 13)
     assert schedule.blocks_at(3, 4) == (Block((0, 1), 9), Block((2,), 4))
-    assert schedule.kept_widths == (6, 9, 4) and schedule.tapped_layers() == {1: schedule.tapped_layers()[1]}
+    assert schedule.kept_widths == (6, 9, 4) and schedule.tapped_layers() == {1: TapSpec(LAST_ROW)}
     with pytest.raises(ValueError, match="prunes part of images \\[0, 1\\]"):
         TokenSchedule(30, (Prune(1, 9, images=(0, 1)), Prune(2, 4, images=(1,))), (10, 10, 10))
     with pytest.raises(ValueError, match="must be the first transition at its layer"):

@@ -4,29 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from tpc.kinds.base import PruneRequest
-from tpc.methods import Method
-from tpc.models_zoo import ModelSource
+from tpc.kinds.base import KindPlan
 from tpc.passes.attention_tap import ReceivedAttention
 from tpc.passes.prune_vision import VisionCut
 
 FLOAT32_BYTES = 4
 
 
-class TowerPlan(Protocol):
+class TowerPlan(KindPlan, Protocol):
     """A plan whose vision graph runs a pruned (or unpruned) tower: an encoder's, a VLM's."""
-
-    @property
-    def request(self) -> PruneRequest: ...
-
-    @property
-    def source(self) -> ModelSource: ...
-
-    @property
-    def method(self) -> Method: ...
-
-    @property
-    def params(self) -> dict[str, Any]: ...
 
     @property
     def cut(self) -> VisionCut: ...

@@ -10,6 +10,7 @@ vision graph runs once per image. `--method none` is the unpruned model, equal t
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -330,34 +331,30 @@ def chained_samples(
     plan: VlmPlan, components: dict[str, Component], pixels: Tensor, ids: np.ndarray
 ) -> dict[str, dict[str, Tensor]]:
     """Each component's inputs for one prompt: vision (its first image) -> prefill (every image's outputs,
-    concatenated in prompt order) -> the first decode step."""
-    ids_tensor = torch.from_numpy(ids)
-    per_image = pixels[:, None] if plan.prompt.images == 1 else pixels
-    vision, prefill = components["vision"], components["prefill"]
+    concatenated in prompt order, as the generation loop hands them on) -> the first decode step."""
+    prefill = components["prefill"]
+    given = {INPUT_IDS: ids, **GenerationLoop(eager_runs(components), plan.generation()).encode_images(pixels.numpy())}
+    prefill_inputs = {name: torch.from_numpy(given[name]) for name in prefill.input_names}
     with torch.no_grad():
-        encoded = [
-            dict(zip(vision.output_names, vision.module(per_image[:, i]), strict=True))
-            for i in range(per_image.shape[1])
-        ]
-        prefill_inputs = {
-            name: ids_tensor if name == INPUT_IDS else torch.cat([out[name] for out in encoded], dim=1)
-            for name in prefill.input_names
-        }
         prefill_out = prefill.module(*prefill_inputs.values())
     token = prefill_out[0].argmax(dim=-1, keepdim=True)
     present = prefill_out[1 : 1 + 2 * plan.decoder.num_layers]
     past = dict(zip(components["decode"].input_names[2:], present, strict=True))
     return {
-        "vision": {PIXEL_VALUES: per_image[:, 0]},
+        "vision": {PIXEL_VALUES: pixels[:, 0] if plan.prompt.images > 1 else pixels},
         "prefill": prefill_inputs,
         "decode": {INPUT_IDS: token, STEP_INPUT: torch.zeros(1, dtype=torch.int64), **past},
     }
 
 
+def eager_runs(components: dict[str, Component]) -> dict[str, Callable[[dict[str, np.ndarray]], dict]]:
+    """The eager components as the generation loop calls components: numpy inputs by name -> outputs by name."""
+    return {name: functools.partial(eager_outputs, component) for name, component in components.items()}
+
+
 def eager_loop(pruned: Pruned) -> GenerationLoop:
     """The generation loop over the eager components: what an exported VLM must reproduce."""
-    runs = {name: functools.partial(eager_outputs, component) for name, component in pruned.components.items()}
-    return GenerationLoop(runs, pruned.plan.generation())
+    return GenerationLoop(eager_runs(pruned.components), pruned.plan.generation())
 
 
 def generation_inputs(pruned: Pruned, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -499,7 +496,7 @@ def describe_vlm(the_plan: VlmPlan) -> dict[str, Any]:
     full_first_token = full["tower"] + full["projector"] + full["prefill"]
     image_flops = cache.image_token_flops(the_plan.decoder)
     full_image_flops = unpruned.cache.image_token_flops(the_plan.decoder)
-    before = prompt.image_tokens * prompt.images
+    before = prompt.all_image_tokens
     return {
         "prune_point": point,
         "prefill_taps": prefill_taps,
@@ -534,7 +531,7 @@ class VlmKind(Kind[VlmPlan]):
         return {"generation": plan.generation()}
 
     def tokens_before(self, plan: VlmPlan) -> int:
-        return plan.prompt.image_tokens * plan.prompt.images
+        return plan.prompt.all_image_tokens
 
     def write_samples(self, directory: Path, pruned: Pruned) -> None:
         pixels, ids = generation_inputs(pruned, seed=0)

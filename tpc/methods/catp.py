@@ -26,7 +26,7 @@ from torch import Tensor
 from tpc.methods.base import accepts_unbatched
 from tpc.methods.registry import CATP
 from tpc.methods.schedule import PrefillSignals
-from tpc.ops import select_indices
+from tpc.ops import in_spans, select_indices
 
 _EPS = 1e-12  # torch.nn.functional.normalize's default: a zero vector stays zero (cosine 0), never NaN
 
@@ -143,18 +143,11 @@ def _compared(signals: PrefillSignals, params: dict[str, Any]) -> tuple[Tensor, 
     return signals.context, signals.hidden
 
 
-def _within(positions: Tensor, spans: tuple[tuple[int, int], ...]) -> Tensor:
-    inside = torch.zeros_like(positions, dtype=torch.bool)
-    for start, stop in spans:
-        inside = torch.logical_or(inside, torch.logical_and(positions >= start, positions < stop))
-    return inside
-
-
 def stage1_from_signals(signals: PrefillSignals, keep: int, params: dict[str, Any], text: tuple[int, int]) -> Tensor:
     """Stage 1 of one image at layer 0: its projected tokens against the mean embedding of its text (`text`: the
     prompt span that follows the image)."""
     assert signals.context is not None and signals.positions is not None
-    text_mean = masked_mean(signals.context, _within(signals.positions, (text,)))
+    text_mean = masked_mean(signals.context, in_spans(signals.positions, (text,)))
     return stage1_priority(signals.image_embeds, text_mean, keep, params["lambda1"])
 
 
@@ -174,7 +167,7 @@ def query_from_signals(
     present tokens it averages — the example images', or the whole context's, A6)."""
     assert signals.positions is not None
     sequence, hidden = _compared(signals, params)
-    return query_scores(hidden, masked_mean(sequence, _within(signals.positions, context)))
+    return query_scores(hidden, masked_mean(sequence, in_spans(signals.positions, context)))
 
 
 METHOD = CATP  # declared in tpc.methods.registry; its transitions name the three priorities above

@@ -20,12 +20,12 @@ from torch import Tensor
 from tpc.methods import random as random_baseline
 from tpc.methods import uniform as uniform_baseline
 from tpc.methods.base import accepts_unbatched
-from tpc.methods.registry import LVLM_CSP
+from tpc.methods.registry import CSP_SAMPLERS, LVLM_CSP
 from tpc.methods.schedule import PrefillSignals
 from tpc.ops import select_indices
 from tpc.ops.select import gather_rows
 
-SAMPLERS = ("uniform", "random", "cls-attention")
+SAMPLERS = CSP_SAMPLERS  # declared with the record, which lists and validates them without torch
 
 
 def _check(num_tokens: int, count: int, sampler: str, cls_scores: Tensor | None) -> Tensor | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
+from tpc.contract.names import CLS_ATTENTION
 from tpc.methods.base import Deferred, Method, Param, PrefillMethod, VisionMethod, VisionSignals
 from tpc.methods.schedule import ALL_ROWS, FROZEN, LAST_ROW, REPRESENTATIVE, PromptImages, Prune, Readmit, Transition
 
@@ -319,7 +320,7 @@ CATP = PrefillMethod(
 
 # --- LVLM_CSP (docs/methods.md#lvlm-csp) -----------------------------------------------------------------------
 
-CSP_SAMPLERS = ("uniform", "random", "cls-attention")  # tpc.methods.lvlm_csp.SAMPLERS
+CSP_SAMPLERS = ("uniform", "random", "cls-attention")
 CSP_READMIT = ("representative", "embedding")
 # LLaVA-1.5-7B (32 layers, 576 image tokens) at keep 64: representatives N/4 in layers 0-7, all tokens in 8-15,
 # keep from 16 on remove 63 % of the image-token layer passes, the paper's "~65 % fewer image-token FLOPs"
@@ -385,7 +386,7 @@ LVLM_CSP = PrefillMethod(
         ),
     ),
     model_defaults=csp_default_layers,
-    vision_guide=lambda params: "cls_attention" if params["sampler"] == "cls-attention" else None,
+    vision_guide=lambda params: CLS_ATTENTION if params["sampler"] == "cls-attention" else None,
 )
 
 REGISTRY: dict[str, Method] = {

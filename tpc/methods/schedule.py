@@ -18,9 +18,10 @@ Pure data: no torch. `tpc.passes.decoder` is the one decoder rewrite that runs a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -140,6 +141,14 @@ class Block:
     tokens: int
 
 
+class Step(NamedTuple):
+    """One transition of a schedule, with the blocks right before and right after it."""
+
+    transition: Transition
+    before: tuple[Block, ...]
+    after: tuple[Block, ...]
+
+
 @dataclass(frozen=True)
 class LayerRange:
     """Decoder layers start..stop-1 (0-based), each seeing `image_tokens` image tokens, split into `blocks`."""
@@ -173,11 +182,11 @@ class TokenSchedule:
         layers = [t.layer for t in self.transitions]
         if layers != sorted(layers):
             raise ValueError(f"schedule transitions out of layer order: {layers}")
-        for index, (transition, blocks, _) in enumerate(self._walk()):
-            if isinstance(transition, Prune):
-                self._check_prune(transition, blocks, self.transitions[:index])
+        for index, step in enumerate(self.steps):
+            if isinstance(step.transition, Prune):
+                self._check_prune(index, step.transition, step.before)
             else:
-                self._check_readmit(transition, self.transitions[:index])
+                self._check_readmit(step.transition, self.transitions[:index])
 
     def _check_readmit(self, readmit: Readmit, earlier: tuple[Transition, ...]) -> None:
         if any(isinstance(t, Prune) and t.renumber for t in self.transitions):
@@ -190,15 +199,15 @@ class TokenSchedule:
                 "before it must have been dropped at layer 0"
             )
 
-    def _check_prune(self, prune: Prune, blocks: tuple[Block, ...], earlier: tuple[Transition, ...]) -> None:
-        where = f"the prune at layer {prune.layer}"
+    def _check_prune(self, index: int, prune: Prune, blocks: tuple[Block, ...]) -> None:
+        where, earlier = f"the prune at layer {prune.layer}", self.transitions[:index]
         group = self.group(prune)
         if any(i >= len(self.per_image) or i < 0 for i in group):
             raise ValueError(f"{where} names images {list(group)} of a {len(self.per_image)}-image prompt")
         partial = [b for b in blocks if set(b.images) & set(group) and not set(b.images) <= set(group)]
         if partial:
             raise ValueError(f"{where} prunes part of images {list(partial[0].images)}, whose split is data-dependent")
-        present = sum(b.tokens for b in blocks if set(b.images) <= set(group))
+        present = self.present_before(index)
         if not 1 <= prune.keep <= present:
             raise ValueError(f"{where} keeps {prune.keep} of {present} image tokens")
         if prune.rows is not None and prune.rows not in ROWS:
@@ -220,14 +229,16 @@ class TokenSchedule:
         """Each image's token count entering the decoder (one image: all of them)."""
         return self.images or (self.image_tokens,)
 
-    def group(self, prune: Prune) -> tuple[int, ...]:
-        """The images a prune chooses among."""
-        return prune.images if prune.images is not None else tuple(range(len(self.per_image)))
+    def group(self, transition: Transition) -> tuple[int, ...]:
+        """The images a prune chooses among (a re-admit: every image)."""
+        images = transition.images if isinstance(transition, Prune) else None
+        return images if images is not None else tuple(range(len(self.per_image)))
 
     def initial_blocks(self) -> tuple[Block, ...]:
         return tuple(Block((i,), n) for i, n in enumerate(self.per_image))
 
-    def _walk(self) -> list[tuple[Transition, tuple[Block, ...], tuple[Block, ...]]]:
+    @functools.cached_property
+    def steps(self) -> tuple[Step, ...]:
         """Each transition with the blocks before and after it (a prune merges the blocks of its images into one)."""
         steps, blocks = [], self.initial_blocks()
         for transition in self.transitions:
@@ -239,12 +250,14 @@ class TokenSchedule:
                 blocks = tuple(sorted([*rest, merged], key=lambda b: b.images[0]))
             else:
                 blocks = self.initial_blocks()
-            steps.append((transition, before, blocks))
-        return steps
+            steps.append(Step(transition, before, blocks))
+        return tuple(steps)
 
-    def blocks_before(self, index: int) -> tuple[Block, ...]:
-        """The blocks right before transition `index` (position in `transitions`)."""
-        return self._walk()[index][1]
+    def present_before(self, index: int) -> int:
+        """Image tokens of transition `index`'s images present right before it (their blocks' static total)."""
+        step = self.steps[index]
+        group = set(self.group(step.transition))
+        return sum(b.tokens for b in step.before if set(b.images) <= group)
 
     @property
     def prunes(self) -> tuple[Prune, ...]:
@@ -262,8 +275,7 @@ class TokenSchedule:
     @property
     def final_tokens(self) -> int:
         """Image tokens the last layers see."""
-        walk = self._walk()
-        return sum(b.tokens for b in walk[-1][2]) if walk else self.image_tokens
+        return sum(b.tokens for b in self.steps[-1].after) if self.steps else self.image_tokens
 
     def ranges(self, num_layers: int) -> list[LayerRange]:
         """The layer ranges of a `num_layers`-layer decoder; a transition at or past its depth is an error."""
@@ -273,7 +285,7 @@ class TokenSchedule:
                 f"{num_layers}-layer decoder"
             )
         ranges, start, blocks = [], 0, self.initial_blocks()
-        for transition, _, after in self._walk():
+        for transition, _, after in self.steps:
             if transition.layer > start:
                 ranges.append(LayerRange(start, transition.layer, sum(b.tokens for b in blocks), blocks))
             start, blocks = transition.layer, after
@@ -296,8 +308,8 @@ class TokenSchedule:
         layers = [p.layer for p in self.prunes if p.renumber]
         if not layers:
             return None
-        after = [blocks for transition, _, blocks in self._walk() if transition.layer == max(layers)][-1]
-        return sum(b.tokens for b in after)
+        last = [step.after for step in self.steps if step.transition.layer == max(layers)][-1]
+        return sum(b.tokens for b in last)
 
     def tapped_layers(self) -> dict[int, TapSpec]:
         """Layer -> the reduction its tap computes, for each prune that reads the layer (or two) before it; one

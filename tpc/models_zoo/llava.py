@@ -129,7 +129,12 @@ class PromptLayout:
     @property
     def length(self) -> int:
         """Tokens of the unpruned prompt, as transformers' processor expands it."""
-        return self.text_len + self.images * self.image_tokens
+        return self.text_len + self.all_image_tokens
+
+    @property
+    def all_image_tokens(self) -> int:
+        """Every image's tokens together."""
+        return self.images * self.image_tokens
 
     def starts_with(self, per_image: int) -> tuple[int, ...]:
         """Where the image runs start when each image is `per_image` tokens (a vision-side method's K)."""

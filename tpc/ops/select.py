@@ -62,6 +62,15 @@ def gather_tokens(tokens: Tensor, indices: Tensor) -> Tensor:
     return flat.reshape(b, indices.shape[1], d)
 
 
+def in_spans(positions: Tensor, spans: tuple[tuple[int, int], ...]) -> Tensor:
+    """positions (B, L) -> (B, L) bool: inside one of the (start, stop) spans. Logical ops, not `&` / `|`, which
+    Core ML's converter lacks; fixed shapes, so a prompt's pieces are found by position without boolean indexing."""
+    inside = torch.zeros_like(positions, dtype=torch.bool)
+    for start, stop in spans:
+        inside = torch.logical_or(inside, torch.logical_and(positions >= start, positions < stop))
+    return inside
+
+
 def ascending(indices: Tensor) -> Tensor:
     """Unique indices in ascending order without a sort kernel: a smallest-K TopK over K distinct ints."""
     return torch.topk(indices, indices.shape[-1], dim=-1, largest=False, sorted=True).values

@@ -41,7 +41,7 @@ from tpc.methods.schedule import (
     Transition,
 )
 from tpc.models_zoo.llava import DecoderParts
-from tpc.ops import gather_tokens, select_indices
+from tpc.ops import gather_tokens, in_spans, select_indices
 from tpc.passes.attention_tap import ReceivedAttention, RowAttention, SpanAttention, Tap, attach_tap
 
 
@@ -203,16 +203,14 @@ def _transition_runs(schedule: TokenSchedule, prompt: PromptImages) -> dict[int,
     """Transition index -> its run: a prune's images, a re-admit's (every image)."""
     plans: dict[int, _Run] = {}
     run = 0
-    for index, transition in enumerate(schedule.transitions):
-        blocks = schedule.blocks_before(index)
+    for index, (transition, blocks, _) in enumerate(schedule.steps):
+        group, present = schedule.group(transition), schedule.present_before(index)
+        offset = _static_offset(group, blocks, prompt)
         if isinstance(transition, Prune):
-            group = schedule.group(transition)
-            present = sum(b.tokens for b in blocks if set(b.images) <= set(group))
-            plans[index] = _PrunePlan(present, group, _static_offset(group, blocks, prompt), transition, run)
+            plans[index] = _PrunePlan(present, group, offset, transition, run)
             run += transition.keep
         else:
-            every = tuple(range(len(prompt.tokens)))
-            plans[index] = _Run(sum(b.tokens for b in blocks), every, _static_offset(every, blocks, prompt))
+            plans[index] = _Run(present, group, offset)
     return plans
 
 
@@ -229,17 +227,22 @@ def _static_offset(group: tuple[int, ...], blocks: tuple[Block, ...], prompt: Pr
     return prompt.starts[image] - dropped
 
 
-def _within(positions: Tensor, start: int, stop: int) -> Tensor:
-    """start <= positions < stop, as logical ops (Core ML's converter has no Python `&` / `|` on tensors)."""
-    return torch.logical_and(positions >= start, positions < stop)
+@dataclass(frozen=True)
+class _Located:
+    """Where a run's present image tokens sit in the sequence: a static slice (`offset`), or the indices `where`
+    (B, present), ascending, of the tokens `member` (B, L) marks."""
 
+    run: _Run
+    where: Tensor | None = None
+    member: Tensor | None = None
 
-def _pick(x: Tensor, plan: _Run, where: Tensor) -> Tensor:
-    """The prune's images' present tokens of a sequence-shaped tensor (B, L[, D]): a slice when they form a run at
-    a static place, a gather otherwise."""
-    if plan.offset is not None:
-        return x[:, plan.offset : plan.offset + plan.present]
-    return gather_tokens(x, where) if x.dim() == 3 else x.gather(1, where)
+    def pick(self, x: Tensor) -> Tensor:
+        """Those tokens of a sequence-shaped tensor (B, L[, D])."""
+        offset = self.run.offset
+        if offset is not None:
+            return x[:, offset : offset + self.run.present]
+        assert self.where is not None  # found by their positions
+        return gather_tokens(x, self.where) if x.dim() == 3 else x.gather(1, self.where)
 
 
 @dataclass(frozen=True)
@@ -379,7 +382,7 @@ class ScheduledDecoder(nn.Module):
             if len(images) == 1:
                 return positions + shift
             low, high = (start, stop) if not inverse else (first, first + prompt.tokens[image])
-            result = result + _within(positions, low, high).long() * (positions + shift)
+            result = result + in_spans(positions, ((low, high),)).long() * (positions + shift)
         return result
 
     def _prune(
@@ -394,8 +397,8 @@ class ScheduledDecoder(nn.Module):
         """One prune: (the sequence after it, its kept tokens as image-token indices, ascending)."""
         prune = plan.prune
         length = sequence.positions.shape[1]
-        where, member = self._locate(sequence, plan)
-        positions = _pick(sequence.positions, plan, where)
+        found = self._locate(sequence, plan)
+        positions = found.pick(sequence.positions)
         indices = self._image_index(positions, plan.images)
         if forced is not None:
             kept = forced
@@ -405,38 +408,32 @@ class ScheduledDecoder(nn.Module):
             local = (positions[:, None, :] < kept_positions[:, :, None]).to(torch.int32).sum(dim=-1).long()
         else:
             local = select_indices(
-                self._priority(plan, sequence, where, indices, image_embeds, guide, entering), prune.keep
+                self._priority(plan, found, sequence, indices, image_embeds, guide, entering), prune.keep
             )
             kept = indices.gather(1, local)
         if plan.offset is not None:
             return sequence.splice(plan.offset, plan.present, local), kept
-        assert member is not None
-        chosen = where.gather(1, local)
+        assert found.where is not None and found.member is not None
+        chosen = found.where.gather(1, local)
         chosen_mask = (chosen[:, :, None] == torch.arange(length, device=chosen.device)).any(dim=1)
-        stays = torch.logical_or(torch.logical_not(member), chosen_mask)
+        stays = torch.logical_or(torch.logical_not(found.member), chosen_mask)
         return sequence.take(select_indices(stays.float(), length - plan.present + prune.keep)), kept
 
-    def _locate(self, sequence: _Sequence, plan: _Run) -> tuple[Tensor, Tensor | None]:
-        """Where the run's images' present tokens sit in the sequence (B, present), ascending, and (when they are
-        not one run at a static place) which tokens of the sequence they are (B, L) bool."""
-        batch = sequence.positions.shape[0]
-        if plan.offset is not None:
-            where = torch.arange(plan.offset, plan.offset + plan.present, device=sequence.positions.device)
-            return where.expand(batch, -1), None
+    def _locate(self, sequence: _Sequence, run: _Run) -> _Located:
+        """Where the run's images' present tokens sit in the sequence."""
+        if run.offset is not None:
+            return _Located(run)
         # exactly `present` tokens of the sequence lie in the images' prompt spans
-        member = torch.zeros_like(sequence.positions, dtype=torch.bool)
-        for image in plan.images:
-            start, stop = self.layout.prompt.span(image)
-            member = torch.logical_or(member, _within(sequence.positions, start, stop))
-        return select_indices(member.float(), plan.present), member
+        member = in_spans(sequence.positions, tuple(self.layout.prompt.span(image) for image in run.images))
+        return _Located(run, select_indices(member.float(), run.present), member)
 
     def _representative_bank(self, bank: Tensor, sequence: _Sequence, image_embeds: Tensor, run: _Run) -> Tensor:
         """Every prompt token's state for a REPRESENTATIVE re-admit: text and present image tokens (the
         representatives) as they are, every other image token its embedding plus its nearest representative's
         update since layer 0 (`tpc.methods.lvlm_csp.representative_update`)."""
-        where, _ = self._locate(sequence, run)
-        representatives = self._image_index(_pick(sequence.positions, run, where), run.images)
-        states = representative_update(image_embeds, representatives, _pick(sequence.hidden, run, where))
+        found = self._locate(sequence, run)
+        representatives = self._image_index(found.pick(sequence.positions), run.images)
+        states = representative_update(image_embeds, representatives, found.pick(sequence.hidden))
         every = torch.arange(image_embeds.shape[1], device=image_embeds.device).expand(image_embeds.shape[0], -1)
         positions = self._image_index(every, run.images, inverse=True)
         return bank.scatter(1, positions[..., None].expand(-1, -1, bank.shape[-1]), states.to(bank.dtype))
@@ -444,8 +441,8 @@ class ScheduledDecoder(nn.Module):
     def _priority(
         self,
         plan: _PrunePlan,
+        found: _Located,
         sequence: _Sequence,
-        where: Tensor,
         indices: Tensor,
         image_embeds: Tensor,
         guide: Tensor | None,
@@ -454,20 +451,20 @@ class ScheduledDecoder(nn.Module):
         """The prune's priorities over its images' present tokens (B, N_p)."""
         prune, layer = plan.prune, plan.prune.layer
         if prune.rows is not None and layer > 0:
-            scores = _pick(self.taps[layer - 1].latest(), plan, where)
+            scores = found.pick(self.taps[layer - 1].latest())
         else:  # nothing tapped (layer 0, or a prune that reads no attention)
-            scores = sequence.hidden.new_zeros(where.shape, dtype=torch.float32)
-        previous = _pick(self.taps[layer - 2].latest(), plan, where) if prune.previous else None
+            scores = sequence.hidden.new_zeros(indices.shape, dtype=torch.float32)
+        previous = found.pick(self.taps[layer - 2].latest()) if prune.previous else None
         signals = PrefillSignals(
             scores=scores,
             image_embeds=gather_tokens(image_embeds, indices),
             guide=None if guide is None else guide.gather(1, indices),
-            hidden=_pick(sequence.hidden, plan, where),
+            hidden=found.pick(sequence.hidden),
             previous_scores=previous,
             context=sequence.hidden,
             positions=sequence.positions,
             previous_context=entering,
-            previous_hidden=None if entering is None else _pick(entering, plan, where),
+            previous_hidden=None if entering is None else found.pick(entering),
         )
         method_priority = self.method.priority if self.method is not None else None
         priority = prune.priority or method_priority

@@ -32,6 +32,11 @@ def _runs(images: int, count: int) -> str:
     return f"{count} image tokens" if images == 1 else f"{images} x {count} image tokens"
 
 
+def _positions(starts: tuple[int, ...], count: int) -> str:
+    """Where the image runs sit: "35..290" or "35..290, 299..554, ..."."""
+    return ", ".join(f"{start}..{start + count - 1}" for start in starts)
+
+
 def prefill_ids(generation: GenerationProtocol, input_ids: np.ndarray) -> np.ndarray:
     """The prompt as the prefill graph takes it: each image's run shortened to the image embeddings it receives.
 
@@ -46,12 +51,12 @@ def prefill_ids(generation: GenerationProtocol, input_ids: np.ndarray) -> np.nda
             "it)"
         )
     is_image = input_ids == image_id
-    runs = [is_image[:, start : start + count].all() for start in starts]
-    if not all(runs) or is_image.sum(axis=1).max() != count * len(starts):
-        where = ", ".join(f"{start}..{start + count - 1}" for start in starts)
+    in_place = all(is_image[:, start : start + count].all() for start in starts)
+    if not in_place or is_image.sum(axis=1).max() != count * len(starts):
+        how_many = "one run" if len(starts) == 1 else f"{len(starts)} runs"
         raise UsageError(
-            f"input_ids must hold exactly {'one run' if len(starts) == 1 else f'{len(starts)} runs'} of {count} image "
-            f"tokens (id {image_id}) at positions {where}, as the export's static prompt layout says"
+            f"input_ids must hold exactly {how_many} of {count} image tokens (id {image_id}) at positions "
+            f"{_positions(starts, count)}, as the export's static prompt layout says"
         )
     kept = generation.prefill.image_tokens // len(starts)
     pieces, position = [], 0
@@ -111,10 +116,9 @@ class GenerationLoop:
         pixels = check_floats(
             pixel_values, "pixel_values", shape, dtype, what, resolve_strict(strict, self.strict), stacklevel
         )
-        where = ", ".join(f"{start}..{start + count - 1}" for start in starts)
         layout = (
             f"batch, {prompt.length} = {prompt.text_tokens} text + {_runs(len(starts), count)} (id {image_id}) at "
-            f"positions {where}; re-export with --prompt-len to change the text length"
+            f"positions {_positions(starts, count)}; re-export with --prompt-len to change the text length"
         )
         size, source = self.vocab
         ids = check_ids(input_ids, "input_ids", (pixels.shape[0], prompt.length), layout, size, source, (image_id,))
