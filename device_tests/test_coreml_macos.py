@@ -35,7 +35,13 @@ from tpc.verification import TOLERANCES, Diff, eager_outputs  # noqa: E402
 
 KEEP = 16
 INDEX = "kept_indices"
-SELECTING = {"zoo:tiny-clip": "model", "zoo:tiny-llava": "vision"}  # the component that selects tokens
+# the component that selects tokens (Qwen: the windowed tower's taps and the merged-token select; Qwen3: DeepStack)
+SELECTING = {
+    "zoo:tiny-clip": "model",
+    "zoo:tiny-llava": "vision",
+    "zoo:tiny-qwen25vl": "vision",
+    "zoo:tiny-qwen3vl": "vision",
+}
 
 
 class Exported:
@@ -114,8 +120,9 @@ def test_kept_indices_equal_onnx_export(exported: Any, tmp_path: Path, model: st
         np.testing.assert_array_equal(coreml.run(inputs)[INDEX], onnx.run(inputs)[INDEX])
 
 
-def test_llava_components_match_eager(exported: Any) -> None:
-    export = exported("zoo:tiny-llava", "fp32", ("vision", "prefill", "decode"))
+@pytest.mark.parametrize("model", ["zoo:tiny-llava", "zoo:tiny-qwen25vl", "zoo:tiny-qwen3vl"])
+def test_vlm_components_match_eager(exported: Any, model: str) -> None:
+    export = exported(model, "fp32", ("vision", "prefill", "decode"))
     for name, part in export.pruned.components.items():
         inputs = export.sample(name)
         assert_matches(CoreMLRuntime.load(export.path(name)).run(inputs), eager_outputs(part, inputs), "fp32")

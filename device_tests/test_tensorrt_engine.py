@@ -22,9 +22,17 @@ from tpc.pipeline import PruneRequest  # noqa: E402
 from tpc.profiling import profile  # noqa: E402
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_native_engine_matches_eager(tmp_path: Path, dtype: str) -> None:
-    result = export(PruneRequest("zoo:tiny-llava", "hiprune", 64, dtype=dtype), "tensorrt", tmp_path / "trt")
+@pytest.mark.parametrize(
+    ("model", "method", "keep", "dtype"),
+    [
+        ("zoo:tiny-llava", "hiprune", 64, "fp32"),
+        ("zoo:tiny-llava", "hiprune", 64, "fp16"),
+        ("zoo:tiny-qwen25vl", "hiprune", 32, "fp32"),  # windowed tower, merged tokens, M-RoPE
+        ("zoo:tiny-qwen3vl", "fastv", 32, "fp32"),  # DeepStack, a prefill prune
+    ],
+)
+def test_native_engine_matches_eager(tmp_path: Path, model: str, method: str, keep: int, dtype: str) -> None:
+    result = export(PruneRequest(model, method, keep, dtype=dtype), "tensorrt", tmp_path / "trt")
     assert result.skipped is None and result.report is not None and result.report.passed, result.report
     assert (tmp_path / "trt" / "vision.engine").exists()
     assert profile(tmp_path / "trt", runs=5, warmup=1).components

@@ -25,6 +25,9 @@ STEP_INPUT = "step"  # a static decode call's step index (0, 1, ...): where it w
 SEG_HIDDEN = "seg_hidden"
 # a vision graph's CLS-row attention to each patch, handed to a prefill whose method samples by it (LVLM_CSP)
 CLS_ATTENTION = "cls_attention"
+# an M-RoPE (Qwen-VL) vision graph's (t, h, w) position of each image token handed on, relative to the image's first
+# position, and Qwen3-VL's DeepStack features of those tokens (B, K, levels, D): both handed to the prefill
+IMAGE_POSITIONS, DEEPSTACK_EMBEDS = "image_positions", "deepstack_embeds"
 
 # components: an encoder export's one graph; a VLM's three; a policy's step graph(s)
 SINGLE = "model"

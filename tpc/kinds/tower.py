@@ -6,16 +6,28 @@ from typing import Any, Protocol
 
 from tpc.kinds.base import KindPlan
 from tpc.passes.attention_tap import ReceivedAttention
-from tpc.passes.prune_vision import VisionCut
 
 FLOAT32_BYTES = 4
+
+
+class TowerCut(Protocol):
+    """What `tpc inspect` reads of a pruned tower (`VisionCut`, `QwenCut`): its taps and the layers it runs."""
+
+    @property
+    def tapped_layers(self) -> tuple[int, ...]: ...
+
+    @property
+    def depth(self) -> int: ...
+
+    @property
+    def tap_reduction(self) -> str: ...
 
 
 class TowerPlan(KindPlan, Protocol):
     """A plan whose vision graph runs a pruned (or unpruned) tower: an encoder's, a VLM's."""
 
     @property
-    def cut(self) -> VisionCut: ...
+    def cut(self) -> TowerCut: ...
 
 
 def tower_description(the_plan: TowerPlan) -> dict[str, Any]:
@@ -28,7 +40,7 @@ def tower_description(the_plan: TowerPlan) -> dict[str, Any]:
         {
             "layer": layer,
             "stack": "vision encoder",
-            "reduction": "attention received: mean over heads and all query rows, per key",
+            "reduction": cut.tap_reduction,
             "rows_per_block": rows,
             "block_bytes": batch * heads * rows * seq * FLOAT32_BYTES,
         }

@@ -9,9 +9,10 @@ vision graph runs once per image. `--method none` is the unpruned model, equal t
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,15 @@ import torch
 from torch import Tensor
 
 from tpc.contract.manifest import GENERATION_FILE, SAMPLES_DIR, Manifest, TensorSpec
-from tpc.contract.names import CLS_ATTENTION, INPUT_IDS, PIXEL_VALUES, STEP_INPUT, VISION
+from tpc.contract.names import (
+    CLS_ATTENTION,
+    DEEPSTACK_EMBEDS,
+    IMAGE_POSITIONS,
+    INPUT_IDS,
+    PIXEL_VALUES,
+    STEP_INPUT,
+    VISION,
+)
 from tpc.contract.protocols import CacheSpec, GenerationProtocol, PrefillSpec, PromptSpec
 from tpc.contract.report import Diff, GenerationCheck, ShippedCheck, Tolerance, VerifyReport
 from tpc.errors import UsageError
@@ -47,9 +56,10 @@ from tpc.kinds.tower import render_tower, tower_description
 from tpc.methods import Method, Param, PrefillMethod, VisionMethod, get_method
 from tpc.methods import none as no_pruning
 from tpc.methods.schedule import ALL_ROWS, LAST_ROW, SPAN_ROWS, PromptImages, Prune, TokenSchedule
-from tpc.models_zoo import LlavaAdapter, ModelSource
+from tpc.models_zoo import LlavaAdapter, ModelSource, QwenVlAdapter
 from tpc.passes.decoder import DecoderLayout, ScheduledDecoder
 from tpc.passes.prune_vision import PrunedVisionEncoder, VisionCut
+from tpc.passes.qwen_components import GLOBAL, SCORINGS, QwenCut, QwenVisionComponent
 from tpc.passes.vlm_components import DecodeComponent, PrefillComponent, VisionComponent
 from tpc.progress import Step
 from tpc.runtimes.generation import GenerationLoop, prefill_ids
@@ -63,16 +73,23 @@ class VlmPlan(DecoderPlan):
     """A validated VLM request: method, budget, the static prompt and cache layout."""
 
     max_new_tokens: int
+    family_params: dict[str, Any] = field(default_factory=dict)  # a Qwen export's image_size, scoring, retain
 
     @property
-    def adapter(self) -> LlavaAdapter:
-        return llava_adapter(self.source)
+    def adapter(self) -> VlmAdapter:
+        return vlm_adapter(self.source)
+
+    @property
+    def qwen(self) -> QwenVlAdapter | None:
+        """The adapter when the model is a Qwen-VL (merged tokens, M-RoPE, DeepStack), else None."""
+        return self.adapter if isinstance(self.adapter, QwenVlAdapter) else None
 
     @property
     def params(self) -> dict[str, Any]:
-        """The method's parameters, and the prompt's `shots` when it has examples (tpc.json records both)."""
+        """The method's parameters, the prompt's `shots` when it has examples, a Qwen export's family parameters
+        (tpc.json records them all)."""
         shots = {"shots": self.prompt.images - 1} if self.prompt.images > 1 else {}
-        return {**self.method_params, **shots}
+        return {**self.method_params, **shots, **self.family_params}
 
     @property
     def prunes_in_prefill(self) -> bool:
@@ -89,18 +106,25 @@ class VlmPlan(DecoderPlan):
         return self.prompt.image_tokens if self.prunes_in_prefill else self.keep
 
     @property
-    def cut(self) -> VisionCut:
+    def cut(self) -> VisionCut | QwenCut:
         config = self.source.config
         method = no_pruning.METHOD if self.prunes_in_prefill else self.method
+        params = {} if self.prunes_in_prefill else self.method_params
+        if self.qwen is not None:
+            scoring = self.family_params.get("scoring", GLOBAL)
+            deepstack = self.qwen.deepstack_levels(config) > 0
+            grid, depth = self.qwen.grid(config), self.source.geometry.num_layers
+            return QwenCut(method, self.per_image, params, grid, depth, scoring, deepstack)
+        adapter = llava_adapter(self.source)
         return VisionCut(
-            self.adapter.tower(config),
+            adapter.tower(config),
             self.source.geometry,
             method,
             self.per_image,
-            {} if self.prunes_in_prefill else self.method_params,
-            self.adapter.feature_layers(config),
-            self.adapter.keeps_prefix(config),
-            max(self.adapter.feature_layers(config)) if self.guide == CLS_ATTENTION else None,
+            params,
+            adapter.feature_layers(config),
+            adapter.keeps_prefix(config),
+            max(adapter.feature_layers(config)) if self.guide == CLS_ATTENTION else None,
         )
 
     @property
@@ -133,7 +157,18 @@ class VlmPlan(DecoderPlan):
             schedule=self.schedule,
             num_layers=self.decoder.num_layers,
             decode_steps=self.max_new_tokens - 1,
+            image_position_span=self.qwen.grid(self.source.config).position_span if self.qwen else None,
         )
+
+    @property
+    def from_vision(self) -> tuple[str, ...]:
+        """The vision outputs the prefill takes besides the embeddings: the guide its method samples by; a Qwen's
+        M-RoPE positions and DeepStack features of the tokens handed on."""
+        guide = (self.guide,) if self.guide else ()
+        if self.qwen is None:
+            return guide
+        deepstack = (DEEPSTACK_EMBEDS,) if self.qwen.deepstack_levels(self.source.config) else ()
+        return (*guide, IMAGE_POSITIONS, *deepstack)
 
     def flops(self) -> dict[str, int]:
         """2x multiply-adds of each stage for one image and prompt (what an ideal runtime's time is proportional to).
@@ -142,9 +177,12 @@ class VlmPlan(DecoderPlan):
         own length (causal: on average half the prompt as context); decode: the first generated token.
         """
         geometry, decoder, cache = self.source.geometry, self.decoder, self.cache
-        projector_in = geometry.hidden_size * len(self.adapter.feature_layers(self.source.config))
-        projector = 2 * cache.image_tokens * (projector_in * decoder.hidden_size + decoder.hidden_size**2)
         prefill, decode = cache.flops(decoder)
+        if self.qwen is not None:  # the merger runs on every merged token, before the selection
+            tower, projector = self.qwen.tower_flops(self.source.config), self.qwen.merger_flops(self.source.config)
+            return {"tower": tower, "projector": projector, "prefill": prefill, "decode_token": decode}
+        projector_in = geometry.hidden_size * len(llava_adapter(self.source).feature_layers(self.source.config))
+        projector = 2 * cache.image_tokens * (projector_in * decoder.hidden_size + decoder.hidden_size**2)
         tower = self.prompt.images * self.cut.depth * geometry.layer_flops(geometry.sequence_length)
         return {"tower": tower, "projector": projector, "prefill": prefill, "decode_token": decode}
 
@@ -171,7 +209,7 @@ class VlmPlan(DecoderPlan):
                 next_position=cache.next_position,
             ),
             seg_token_id=self.adapter.seg_token_id(config),
-            vision_to_prefill=(self.guide,) if self.guide else None,
+            vision_to_prefill=self.from_vision or None,
             protocol=(
                 "vision(pixel_values) -> image_embeds, once per image (prompt.image_starts: several images); "
                 "prefill(input_ids with each image's run shortened to its image_embeds, image_embeds of every image "
@@ -181,16 +219,71 @@ class VlmPlan(DecoderPlan):
         )
 
 
-def llava_adapter(source: ModelSource) -> LlavaAdapter:
-    """A VLM's adapter, typed (LLaVA's is the family whose kind is a VLM)."""
+VlmAdapter = LlavaAdapter | QwenVlAdapter
+
+
+def vlm_adapter(source: ModelSource) -> VlmAdapter:
+    """A VLM's adapter, typed (the families whose kind is a VLM)."""
     adapter = source.adapter
-    assert isinstance(adapter, LlavaAdapter), "a VLM is a LLaVA-family model"
+    assert isinstance(adapter, LlavaAdapter | QwenVlAdapter), "a VLM is a LLaVA- or Qwen-VL-family model"
     return adapter
 
 
+def llava_adapter(source: ModelSource) -> LlavaAdapter:
+    """A LLaVA-family VLM's adapter (its tower, feature layers and projector)."""
+    adapter = source.adapter
+    assert isinstance(adapter, LlavaAdapter), "a LLaVA-family model"
+    return adapter
+
+
+# a Qwen-VL export's own parameters (beside the method's)
+IMAGE_SIZE = Param("image_size", int, None, "the image side the export is built for, in pixels", low=1)
+SCORING = Param(
+    "scoring",
+    str,
+    GLOBAL,
+    "tower attention scored over all patches (the reference's flash-attention-2 branch) or within each windowed "
+    "block's windows (its eager branch)",
+    choices=SCORINGS,
+)
+RETAIN = Param(
+    "retain",
+    float,
+    None,
+    "the share of the image tokens kept (keep = round(tokens * retain))",
+    low=0.0,
+    high=1.0,
+    low_open=True,
+)
+QWEN_PARAMS = {param.name: param for param in (IMAGE_SIZE, SCORING, RETAIN)}
+
+
+def qwen_source(source: ModelSource, adapter: QwenVlAdapter, given: dict[str, str]) -> tuple[ModelSource, dict]:
+    """Pop a Qwen export's own parameters from `given`: (the source with the image size the export is built for,
+    its parameters as tpc.json records them)."""
+    values = {name: QWEN_PARAMS[name].parse(given.pop(name)) for name in list(given) if name in QWEN_PARAMS}
+    config = copy.deepcopy(source.config)
+    size = values.get("image_size", adapter.image_size(config))
+    adapter.check_image_size(config, size)
+    config.vision_config.image_size = size
+    values["image_size"] = size
+    return replace(source, config=config), values
+
+
+def qwen_keep(keep: int | None, retain: float | None, tokens: int) -> int | None:
+    """`--keep`, or `--param retain` as the reference's ratio (N' = round(tokens * retain), Python rounding)."""
+    if retain is None:
+        return keep
+    ratio_keep = round(tokens * retain)
+    if keep is not None and keep != ratio_keep:
+        raise UsageError(
+            f"--keep {keep} and --param retain={retain} disagree (round({tokens} x {retain}) = {ratio_keep}); give one"
+        )
+    return ratio_keep
+
+
 def plan_vlm(request: PruneRequest, source: ModelSource) -> VlmPlan:
-    adapter = llava_adapter(source)
-    config = source.config
+    adapter = vlm_adapter(source)
     method = get_method(request.method)
     stateful = " (it carries action attention between control steps: policies only)"
     check_accepts(adapter, method, "does not apply to {family} models" + (stateful if method.stateful else ""))
@@ -199,24 +292,36 @@ def plan_vlm(request: PruneRequest, source: ModelSource) -> VlmPlan:
         raise UsageError(
             "--param feature_layer does not apply to a VLM: its config's vision_feature_layer decides the features"
         )
+    if method.name in adapter.refused_methods:
+        why = adapter.refused_methods[method.name]
+        raise UsageError(f"method '{method.name}' does not apply to {adapter.family} models yet: {why}")
+    family_params: dict[str, Any] = {}
+    if isinstance(adapter, QwenVlAdapter):
+        source, family_params = qwen_source(source, adapter, method_params)
+    config = source.config
     geometry, decoder = source.geometry, adapter.decoder(config)
-    feature_layers = adapter.feature_layers(config)
-    derived = (  # the raw vision_feature_layer too: HiPrune pairs hidden_states[p] with attentions[p] (layer p+1)
-        method.model_defaults(geometry.num_layers, max(feature_layers), config.vision_feature_layer)
+    derived = (
+        adapter.vision_defaults(method, config)
         if isinstance(method, VisionMethod)
         else method.model_defaults(decoder.num_layers)
     )
     shots = resolve_shots(method_params.pop("shots", None), method)
     params = method.resolve_params(method_params, derived)
+    reads_tower = isinstance(method, VisionMethod) and bool(method.tapped_layers(params))
+    if family_params.get("scoring", GLOBAL) != GLOBAL and not reads_tower:
+        raise UsageError(f"--param scoring applies to methods that read the tower's attention, not {method.name}")
     check_method_layers(method, params, {"encoder": (1, geometry.num_layers), "decoder": (1, decoder.num_layers - 1)})
     num_image = adapter.image_tokens(config)
-    prefix = geometry.prefix_tokens if adapter.keeps_prefix(config) and isinstance(method, VisionMethod) else 0
+    keeps_prefix = isinstance(adapter, LlavaAdapter) and adapter.keeps_prefix(config)
+    prefix = geometry.prefix_tokens if keeps_prefix and isinstance(method, VisionMethod) else 0
     if isinstance(method, PrefillMethod) and shots:  # one budget over every image of the prompt
         what = f"the prompt's {shots + 1} images are {{n}} image tokens"
         keep = resolve_keep(request.keep, method, num_image * (shots + 1), 1, what)
     else:  # a vision-side method keeps K of each image
         what = "one image is {n} image tokens in the prompt" + (f" ({prefix} CLS always kept)" if prefix else "")
-        keep = resolve_keep(request.keep, method, num_image, prefix + 1, what)
+        retain = family_params.get("retain")
+        given_keep = request.keep if retain is None else qwen_keep(request.keep, retain, num_image)
+        keep = resolve_keep(given_keep, method, num_image, prefix + 1, what)
     check_budget(method, keep - prefix, params)
     max_new = request.max_new_tokens if request.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS
     if max_new < MIN_NEW_TOKENS:
@@ -233,11 +338,11 @@ def plan_vlm(request: PruneRequest, source: ModelSource) -> VlmPlan:
         "new tokens",
         "lower --prompt-len, --max-new-tokens or --param shots",
     )
-    plan = VlmPlan(request, source, method, keep, params, layout, max_new)
+    plan = VlmPlan(request, source, method, keep, params, layout, max_new, family_params)
     if plan.guide == CLS_ATTENTION and geometry.prefix_tokens == 0:
         raise UsageError(
-            f"--method {method.name}: the {adapter.tower(config).family} tower has no CLS token to sample by; use "
-            "another sampler (--param sampler=uniform)"
+            f"--method {method.name}: the {llava_adapter(source).tower(config).family} tower has no CLS token to "
+            "sample by; use another sampler (--param sampler=uniform)"
         )
     try:  # the schedule's own rules: budgets per stage, layer order, layers inside the decoder
         plan.schedule.ranges(decoder.num_layers)
@@ -266,13 +371,12 @@ def build_vlm(plan: VlmPlan) -> Pruned:
     source, adapter, request = plan.source, plan.adapter, plan.request
     # transformers wraps PreTrainedModel.to (functools.wraps of nn.Module.to): mypy does not bind its self
     model = adapter.load(source.path).to(DTYPES[request.dtype])  # type: ignore[arg-type]
-    projector = adapter.projector(model)
-    tower = PrunedVisionEncoder(adapter.vision_tower(model), plan.cut, signal_embedding=projector)
-    vision = VisionComponent(tower, projector).eval()
+    vision = vision_component(plan, model).eval()
     prefill_method = plan.method if plan.prunes_in_prefill else None
     decoder = ScheduledDecoder(model, adapter, plan.cache, prefill_method, plan.method_params)
     seg = plan.adapter.seg_token_id(source.config) is not None
-    prefill, decode = PrefillComponent(decoder, seg, plan.guide).eval(), DecodeComponent(decoder, seg).eval()
+    prefill = PrefillComponent(decoder, seg, plan.guide, plan.from_vision).eval()
+    decode = DecodeComponent(decoder, seg).eval()
     components = {
         "vision": Component("vision", vision, vision.input_names, vision.output_names),
         "prefill": Component("prefill", prefill, prefill.input_names, prefill.output_names),
@@ -285,6 +389,18 @@ def build_vlm(plan: VlmPlan) -> Pruned:
     return Pruned(request, plan, components, samples)
 
 
+def vision_component(plan: VlmPlan, model: Any) -> VisionComponent | QwenVisionComponent:
+    """The vision graph of the plan's family: a LLaVA tower cut at its feature layer + the projector on the kept
+    tokens, or a Qwen tower + merger selecting among the merged tokens."""
+    cut = plan.cut
+    if isinstance(cut, QwenCut):
+        assert plan.qwen is not None
+        return QwenVisionComponent(plan.qwen.vision_tower(model), cut)
+    adapter = llava_adapter(plan.source)
+    projector = adapter.projector(model)
+    return VisionComponent(PrunedVisionEncoder(adapter.vision_tower(model), cut, signal_embedding=projector), projector)
+
+
 def seeded_prompt(plan: VlmPlan, seed: int) -> np.ndarray:
     """(B, prompt length) int64, as a processor makes it: each image's run of image tokens inside text tokens.
 
@@ -294,19 +410,24 @@ def seeded_prompt(plan: VlmPlan, seed: int) -> np.ndarray:
     """
     config = plan.source.config
     image_id, seg_id = plan.adapter.image_token_id(config), plan.adapter.seg_token_id(config)
+    brackets = plan.adapter.image_brackets(config)
     count = plan.prompt.image_tokens
-    if seed == 0 and plan.prompt.template is not None:
-        text = np.array([t for t in plan.prompt.template if t != image_id], dtype=np.int64)
+    templated = seed == 0 and plan.prompt.template is not None
+    if templated:
+        text = np.array([t for t in plan.prompt.template or () if t != image_id], dtype=np.int64)
     else:
         rng = np.random.default_rng(seed)
         text = rng.integers(3, plan.decoder.vocab_size, size=plan.prompt.text_len, dtype=np.int64)
-        text[(text == image_id) | (text == seg_id)] = 3
+        reserved = [image_id, *([] if seg_id is None else [seg_id]), *plan.adapter.reserved_token_ids(config)]
+        text[np.isin(text, reserved)] = 3
         text[0] = 1  # BOS
         if seg_id is not None:
             text[-1] = seg_id
     pieces, used = [], 0
     for i, start in enumerate(plan.prompt.image_starts):
         text_start = start - i * count  # where the image sits among the text tokens
+        if brackets is not None and not templated:  # <|vision_start|> image <|vision_end|> (text on both sides)
+            text[text_start - 1], text[text_start] = brackets
         pieces += [text[used:text_start], np.full(count, image_id, dtype=np.int64)]
         used = text_start
     row = np.concatenate([*pieces, text[used:]])
@@ -576,7 +697,7 @@ class VlmKind(Kind[VlmPlan]):
 
     def describe(self, request: PruneRequest, source: ModelSource) -> dict[str, Any]:
         if request.keep is None:
-            request = replace(request, keep=max(1, llava_adapter(source).image_tokens(source.config) // 4))
+            request = replace(request, keep=max(1, vlm_adapter(source).image_tokens(source.config) // 4))
         the_plan = plan_vlm(request, source)
         return {**tower_description(the_plan), **describe_vlm(the_plan)}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import operator
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,9 @@ if TYPE_CHECKING:
     from tpc.models_zoo.base import VisionEncoderAdapter, VisionGeometry
     from tpc.models_zoo.llava import DecoderGeometry, LlavaAdapter, PromptLayout
     from tpc.models_zoo.openvla import OpenVlaAdapter
+    from tpc.models_zoo.qwen_vl import QwenGrid, QwenVlAdapter
 
-    Adapter = VisionEncoderAdapter | LlavaAdapter | OpenVlaAdapter
+    Adapter = VisionEncoderAdapter | LlavaAdapter | OpenVlaAdapter | QwenVlAdapter
 
 
 # the family adapters by name, as "module:class", imported on first use (the registry a new family adds a line to)
@@ -37,6 +39,8 @@ ADAPTER_CLASSES = {
     "siglip": "tpc.models_zoo.siglip:SiglipAdapter",
     "llava": "tpc.models_zoo.llava:LlavaAdapter",
     "openvla": "tpc.models_zoo.openvla:OpenVlaAdapter",
+    "qwen2_5_vl": "tpc.models_zoo.qwen_vl:QwenVlAdapter",
+    "qwen3_vl": "tpc.models_zoo.qwen_vl:Qwen3VlAdapter",
 }
 ENCODER_FAMILIES = ("clip", "siglip")  # the vision towers a VLM family may name
 VLM_FAMILIES = ("llava",)  # families built on those towers (their adapters take them)
@@ -106,6 +110,8 @@ _LAZY_NAMES = {
     "LlavaAdapter": "llava",
     "PromptLayout": "llava",
     "OpenVlaAdapter": "openvla",
+    "QwenVlAdapter": "qwen_vl",
+    "QwenGrid": "qwen_vl",
 }
 
 
@@ -113,7 +119,8 @@ def __getattr__(name: str) -> type | UnionType:
     if name in _LAZY_NAMES:
         return getattr(importlib.import_module(f"{__name__}.{_LAZY_NAMES[name]}"), name)
     if name == "Adapter":
-        return __getattr__("VisionEncoderAdapter") | __getattr__("LlavaAdapter") | __getattr__("OpenVlaAdapter")
+        families = ("VisionEncoderAdapter", "LlavaAdapter", "OpenVlaAdapter", "QwenVlAdapter")
+        return functools.reduce(operator.or_, (__getattr__(name) for name in families))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -179,6 +186,8 @@ __all__ = [
     "ModelSource",
     "OpenVlaAdapter",
     "PromptLayout",
+    "QwenGrid",
+    "QwenVlAdapter",
     "VisionEncoderAdapter",
     "VisionGeometry",
     "ZooEntry",

@@ -3,4 +3,11 @@ their `kind` (checked when they are built). Light: `tpc methods` and `tpc zoo` r
 
 from __future__ import annotations
 
-FAMILY_KINDS: dict[str, str] = {"clip": "encoder", "siglip": "encoder", "llava": "vlm", "openvla": "vla"}
+FAMILY_KINDS: dict[str, str] = {
+    "clip": "encoder",
+    "siglip": "encoder",
+    "llava": "vlm",
+    "openvla": "vla",
+    "qwen2_5_vl": "vlm",
+    "qwen3_vl": "vlm",
+}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from torch import Tensor, nn
 from transformers import LlavaForConditionalGeneration, PretrainedConfig, PreTrainedModel
@@ -149,6 +149,8 @@ class LlavaAdapter(DecoderParts[LlavaForConditionalGeneration]):
     model_types: ClassVar[tuple[str, ...]] = ("llava",)
     model_class: ClassVar[type[PreTrainedModel]] = LlavaForConditionalGeneration
 
+    refused_methods: ClassVar[dict[str, str]] = {}  # methods of the VLM kind this family cannot take, and why
+
     def __init__(self, towers: dict[str, VisionEncoderAdapter]) -> None:
         self.towers = towers  # vision model_type -> encoder adapter
 
@@ -183,6 +185,12 @@ class LlavaAdapter(DecoderParts[LlavaForConditionalGeneration]):
             )
         return layers
 
+    def vision_defaults(self, method: Any, config: PretrainedConfig) -> dict[str, Any]:
+        """A vision-side method's model-derived defaults, from the tower's depth and the feature layer(s) — the raw
+        `vision_feature_layer` too: HiPrune pairs hidden_states[p] with attentions[p] (layer p + 1)."""
+        depth = self.geometry(config).num_layers
+        return method.model_defaults(depth, max(self.feature_layers(config)), config.vision_feature_layer)
+
     def keeps_prefix(self, config: PretrainedConfig) -> bool:
         """Whether the LLM sees the tower's prefix (CLS) tokens: strategy 'full' keeps them, 'default' drops them."""
         strategy = config.vision_feature_select_strategy
@@ -208,6 +216,14 @@ class LlavaAdapter(DecoderParts[LlavaForConditionalGeneration]):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
             raise UsageError(f"config seg_token_id {value!r} is not a token id of the {vocab}-token vocabulary")
         return value
+
+    def image_brackets(self, config: PretrainedConfig) -> tuple[int, int] | None:
+        """Tokens that open and close an image's run in the prompt: none in LLaVA."""
+        return None
+
+    def reserved_token_ids(self, config: PretrainedConfig) -> tuple[int, ...]:
+        """Ids besides the image and [SEG] tokens that a seeded prompt's text never holds: none in LLaVA."""
+        return ()
 
     def eos_token_ids(self, config: PretrainedConfig) -> list[int]:
         eos = getattr(config.text_config, "eos_token_id", None)

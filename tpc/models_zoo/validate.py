@@ -64,7 +64,13 @@ LIMITS = {
     "max_position_embeddings": 1 << 24,
     "num_patches": 1 << 16,
 }
-NESTED = {"llava": ("vision_config", "text_config"), "clip": ("vision_config",), "siglip": ("vision_config",)}
+NESTED = {
+    "llava": ("vision_config", "text_config"),
+    "qwen2_5_vl": ("vision_config", "text_config"),
+    "qwen3_vl": ("vision_config", "text_config"),
+    "clip": ("vision_config",),
+    "siglip": ("vision_config",),
+}
 
 
 class LoadingInfo(TypedDict, total=False):
@@ -236,6 +242,10 @@ class _Raw:
     def __init__(self, data: Mapping[str, Any]) -> None:
         self._data = data
 
+    def states(self, name: str) -> bool:
+        """Whether the file has the field (possibly as null)."""
+        return name in self._data
+
     def __getattr__(self, name: str) -> Any:
         value = self._data.get(name)
         return _Raw(value) if isinstance(value, dict) else value
@@ -326,6 +336,33 @@ def _check_llava(config: PretrainedConfig | _Raw, config_file: str) -> None:
         raise fields.fail("vision_feature_select_strategy", f"{strategy!r} is not one of 'default', 'full'")
 
 
+def _check_qwen_vl(config: PretrainedConfig | _Raw, config_file: str) -> None:
+    """A Qwen2.5-VL / Qwen3-VL config: the tower and merger geometry, the decoder, an image token in its vocabulary
+    (a video-only config has none: tpc exports image prompts)."""
+    fields = _Fields(config, "", config_file)
+    vision, text = config.vision_config, config.text_config
+    if vision is not None:
+        tower = _Fields(vision, "vision_config.", config_file)
+        for name in ("depth", "intermediate_size", "in_channels", "temporal_patch_size", "out_hidden_size"):
+            tower.int(name)
+        hidden, heads = tower.int("hidden_size"), tower.int("num_heads")
+        patch, merge = tower.int("patch_size"), tower.int("spatial_merge_size")
+        if hidden is not None and heads is not None and hidden % heads:
+            raise tower.fail("hidden_size", f"{hidden} is not divisible by num_heads {heads}")
+        window = tower.int("window_size", optional=True) if config.model_type == "qwen2_5_vl" else None
+        if window is not None and patch is not None and merge is not None and window % (patch * merge):
+            raise tower.fail("window_size", f"{window} px is not a multiple of patch_size x spatial_merge_size")
+    if text is not None:
+        _check_decoder(text, "text_config.", config_file)
+    stated = not isinstance(config, _Raw) or config.states("image_token_id")  # raw JSON: absent means the default
+    if getattr(config, "image_token_id", None) is None and stated:
+        raise fields.fail("image_token_id", "is missing (a video-only model? tpc exports image prompts)")
+    image_id = fields.int("image_token_id", minimum=0)
+    vocab = getattr(text, "vocab_size", None)
+    if image_id is not None and isinstance(vocab, int) and image_id >= vocab:
+        raise fields.fail("image_token_id", f"{image_id} is outside text_config.vocab_size {vocab}")
+
+
 TOWER_FIELDS = ("family", "hidden_size", "num_layers", "num_heads", "intermediate_size", "patch_size", "registers")
 
 
@@ -377,6 +414,8 @@ def check_config(config: PretrainedConfig | _Raw, family: str, path: Path) -> No
     config_file = str(path / CONFIG)
     if family == "llava":
         _check_llava(config, config_file)
+    elif family in ("qwen2_5_vl", "qwen3_vl"):
+        _check_qwen_vl(config, config_file)
     elif family == "openvla":
         _check_openvla(config, config_file)
     else:

@@ -25,10 +25,18 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict, Unpack
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict, TypeVar, Unpack
 
 if TYPE_CHECKING:
-    from transformers import CLIPVisionConfig, LlavaConfig, PretrainedConfig, PreTrainedModel, SiglipVisionConfig
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        PretrainedConfig,
+        PreTrainedModel,
+        Qwen2_5_VLConfig,
+        Qwen3VLConfig,
+        SiglipVisionConfig,
+    )
 
     from tpc.models_zoo.openvla import OpenVlaConfig
 
@@ -121,6 +129,102 @@ def _llava_bench() -> LlavaConfig:
         initializer_range=0.05,
     )
     return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=32000)
+
+
+def _qwen_text(vocab: int, width: int, inner: int, layers: int, heads: int, kv_heads: int) -> dict[str, Any]:
+    """A Qwen decoder's fields with M-RoPE sections for its head size (t, h, w of head_dim / 2 frequencies, in
+    Qwen2.5-VL's 2:3:3 proportion)."""
+    half = width // heads // 2
+    sections = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+    return {
+        "vocab_size": vocab,
+        "hidden_size": width,
+        "intermediate_size": inner,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": 4096,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": sections},
+        "initializer_range": 0.1 if width <= 128 else 0.05,  # peaked attention, as in a trained model
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+def _qwen_ids(vocab: int) -> dict[str, Any]:
+    """Image, video and bracket ids at the top of a zoo Qwen's vocabulary."""
+    return {
+        "image_token_id": vocab - 1,
+        "video_token_id": vocab - 2,
+        "vision_start_token_id": vocab - 4,
+        "vision_end_token_id": vocab - 3,
+    }
+
+
+QwenConfigT = TypeVar("QwenConfigT", bound="PretrainedConfig")
+
+
+def _with_image_size(config: QwenConfigT, size: int) -> QwenConfigT:
+    """The resolution exports of a zoo Qwen are built for, as tpc's field `vision_config.image_size`."""
+    vision: Any = config.vision_config
+    vision.image_size = size
+    return config
+
+
+def _tiny_qwen25vl() -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL at toy width: 64 px / 4 px patches = 16x16 patches -> 8x8 = 64 merged tokens; a 4-block tower
+    whose blocks 1 and 3 (0-based) attend fully and 0, 2 within 32 px windows (2x2 windows); a 4-layer decoder."""
+    from transformers import Qwen2_5_VLConfig
+
+    config = Qwen2_5_VLConfig(
+        vision_config={
+            "depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "in_channels": 3,
+            "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 32,
+            "out_hidden_size": 64, "fullatt_block_indexes": [1, 3], "initializer_range": 0.2,
+        },
+        text_config=_qwen_text(512, 64, 128, 4, 4, 2),
+        **_qwen_ids(512),
+    )  # fmt: skip
+    return _with_image_size(config, 64)
+
+
+def _tiny_qwen3vl() -> Qwen3VLConfig:
+    """Qwen3-VL at toy width: 64 px / 4 px patches -> 8x8 = 64 merged tokens, a 4-block tower with DeepStack
+    taps after blocks 1 and 2 (0-based) added after decoder layers 0 and 1 of 4."""
+    from transformers import Qwen3VLConfig
+
+    text = _qwen_text(512, 64, 128, 4, 4, 2)
+    text["head_dim"] = 16
+    text["rope_parameters"]["mrope_section"] = [4, 2, 2]  # Qwen3-VL interleaves t, h, w over head_dim / 2
+    config = Qwen3VLConfig(
+        vision_config={
+            "depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "in_channels": 3,
+            "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 64,
+            "num_position_embeddings": 64, "deepstack_visual_indexes": [1, 2], "initializer_range": 0.2,
+        },
+        text_config=text,
+        **_qwen_ids(512),
+    )  # fmt: skip
+    return _with_image_size(config, 64)
+
+
+def _qwen25vl_bench() -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-3B's token geometry: 448 px / 14 -> 32x32 patches -> 16x16 = 256 merged tokens, its 32-block
+    windowed tower (112 px windows, full attention in blocks 7, 15, 23, 31) and its 36 decoder layers, at reduced
+    widths (tower d=128, decoder d=512), so that one prefill takes about a second on 2 CPU cores with the decoder
+    dominating, as the 3B decoder does."""
+    from transformers import Qwen2_5_VLConfig
+
+    config = Qwen2_5_VLConfig(
+        vision_config={
+            "depth": 32, "hidden_size": 128, "intermediate_size": 512, "num_heads": 4, "in_channels": 3,
+            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+            "out_hidden_size": 512, "fullatt_block_indexes": [7, 15, 23, 31], "initializer_range": 0.1,
+        },
+        text_config=_qwen_text(32000, 512, 1408, 36, 8, 2),
+        **_qwen_ids(32000),
+    )  # fmt: skip
+    return _with_image_size(config, 448)
 
 
 def _action_stats(dims: int = 7) -> dict[str, Any]:
@@ -245,6 +349,33 @@ ZOO: dict[str, ZooEntry] = {
             576,
             1,
             24,
+        ),
+        ZooEntry(
+            "tiny-qwen25vl",
+            "qwen2_5_vl",
+            "Qwen2.5-VL: 4-block windowed tower d=32, 2x2 merger (64 image tokens), 4-layer M-RoPE decoder d=64",
+            _tiny_qwen25vl,
+            256,
+            0,
+            4,
+        ),
+        ZooEntry(
+            "tiny-qwen3vl",
+            "qwen3_vl",
+            "Qwen3-VL: 4-block tower d=32 with DeepStack, 2x2 merger (64 image tokens), 4-layer decoder d=64",
+            _tiny_qwen3vl,
+            256,
+            0,
+            4,
+        ),
+        ZooEntry(
+            "qwen25vl-bench",
+            "qwen2_5_vl",
+            "Qwen2.5-VL-3B token geometry (448 px, 256 image tokens), 32-block tower d=128, 36-layer decoder d=512",
+            _qwen25vl_bench,
+            1024,
+            0,
+            32,
         ),
         ZooEntry(
             "tiny-openvla",

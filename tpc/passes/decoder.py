@@ -54,6 +54,8 @@ class DecoderLayout:
     schedule: TokenSchedule  # schedule.image_tokens: image tokens the prefill receives (schedule.per_image: each's)
     num_layers: int
     decode_steps: int  # decode calls the cache has room for
+    # M-RoPE (Qwen-VL): rotary positions one image occupies (max of its merged grid's sides); None: one per token
+    image_position_span: int | None = None
 
     @property
     def image_start(self) -> int:
@@ -85,7 +87,10 @@ class DecoderLayout:
     @property
     def next_position(self) -> int:
         """Position id of the first decoded token: the prefill's full length when every token keeps its original
-        position, the length after the renumbering layer when a prune renumbers them."""
+        position, the length after the renumbering layer when a prune renumbers them; with M-RoPE one past the
+        unpruned prompt's last position (transformers: the prompt length + `rope_deltas`), pruned or not."""
+        if self.image_position_span is not None:
+            return self.text_tokens + len(self.image_starts) * self.image_position_span
         renumbered = self.schedule.renumbered_tokens()
         return self.prefill_tokens if renumbered is None else self.text_tokens + renumbered
 
@@ -242,7 +247,7 @@ class _Located:
         if offset is not None:
             return x[:, offset : offset + self.run.present]
         assert self.where is not None  # found by their positions
-        return gather_tokens(x, self.where) if x.dim() == 3 else x.gather(1, self.where)
+        return _gather(x, self.where)
 
 
 @dataclass(frozen=True)
@@ -251,23 +256,28 @@ class _Sequence:
 
     hidden: Tensor  # (B, L, D)
     positions: Tensor  # (B, L) int64: where each token sat in the prompt
-    position_ids: Tensor  # (B, L) int64: its rotary position (its prompt position unless a prune renumbered)
+    # (B, L) int64: its rotary position (its prompt position unless a prune renumbered); M-RoPE: (B, L, 3)
+    position_ids: Tensor
 
     def take(self, indices: Tensor) -> _Sequence:
         """The tokens at `indices` (B, L') of the sequence, ascending."""
         return _Sequence(
-            gather_tokens(self.hidden, indices), self.positions.gather(1, indices), self.position_ids.gather(1, indices)
+            _gather(self.hidden, indices), _gather(self.positions, indices), _gather(self.position_ids, indices)
         )
 
     def splice(self, offset: int, count: int, local: Tensor) -> _Sequence:
         """The run offset..offset+count-1 cut to its tokens at `local` (B, K) (ascending), the rest unchanged."""
 
         def cut(x: Tensor) -> Tensor:
-            run = x[:, offset : offset + count]
-            kept = gather_tokens(run, local) if x.dim() == 3 else run.gather(1, local)
+            kept = _gather(x[:, offset : offset + count], local)
             return torch.cat([x[:, :offset], kept, x[:, offset + count :]], dim=1)
 
         return _Sequence(cut(self.hidden), cut(self.positions), cut(self.position_ids))
+
+
+def _gather(x: Tensor, indices: Tensor) -> Tensor:
+    """x (B, L) or (B, L, D) at token indices (B, K)."""
+    return gather_tokens(x, indices) if x.dim() == 3 else x.gather(1, indices)
 
 
 class ScheduledDecoder(nn.Module):
@@ -321,6 +331,8 @@ class ScheduledDecoder(nn.Module):
         image_embeds: Tensor,
         forced_indices: Tensor | None = None,
         guide: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        deepstack: Tensor | None = None,
     ) -> tuple[Tensor, RecordingCache, Tensor | None]:
         """Every layer over the prompt `hidden` (B, L, D), whose image tokens `image_embeds` (B, N, D: every image's,
         in prompt order) sit at the layout's image runs, applying the schedule: (last hidden states, the recorded
@@ -329,13 +341,16 @@ class ScheduledDecoder(nn.Module):
         `kept_indices` (B, sum of the prunes' K): each prune's kept tokens as indices among all image tokens,
         ascending, in schedule order; `forced_indices` of that shape replaces every selection (teacher forcing).
         `guide` (B, N): a per-image-token signal from outside the decoder (a policy's history; a tower's attention).
+        `position_ids` (B, L, 3): M-RoPE positions of the prompt (default: its positions 0..L-1). `deepstack`
+        (B, N, levels, D): features added to the image tokens present after each of the first `levels` layers.
         """
         batch, length = hidden.shape[:2]
         every = torch.arange(length, device=hidden.device).expand(batch, length)
-        sequence, complete = _Sequence(hidden, every, every), True  # complete: every prompt token is present
+        rotary_ids = every if position_ids is None else position_ids
+        sequence, complete = _Sequence(hidden, every, rotary_ids), True  # complete: every prompt token is present
         # each prompt token's latest hidden state, for a re-admit
         bank: Tensor | None = hidden if self.layout.schedule.readmits else None
-        rotary = self.adapter.rotary(self.model, hidden, every)
+        rotary = self.adapter.rotary(self.model, hidden, rotary_ids)
         entering: Tensor | None = None  # the sequence entering the previous layer
         cache, kept_runs, number = RecordingCache(), [], 0
         for index in range(self.num_layers):
@@ -365,11 +380,22 @@ class ScheduledDecoder(nn.Module):
             if transitions:
                 rotary = self.adapter.rotary(self.model, sequence.hidden, sequence.position_ids)
             entering = sequence.hidden
-            sequence = _Sequence(
-                self.run_layer(index, sequence.hidden, rotary, None, cache), sequence.positions, sequence.position_ids
-            )
+            hidden_out = self.run_layer(index, sequence.hidden, rotary, None, cache)
+            if deepstack is not None and index < deepstack.shape[2]:
+                hidden_out = self._add_deepstack(hidden_out, sequence.positions, deepstack[:, :, index], index)
+            sequence = _Sequence(hidden_out, sequence.positions, sequence.position_ids)
         kept_indices = torch.cat(kept_runs, dim=1) if len(kept_runs) > 1 else (kept_runs[0] if kept_runs else None)
         return sequence.hidden, cache, kept_indices
+
+    def _add_deepstack(self, hidden: Tensor, positions: Tensor, features: Tensor, layer: int) -> Tensor:
+        """Qwen3-VL's DeepStack after `layer`: each image token present adds its own feature (features (B, N, D),
+        indexed like `image_embeds`); a token pruned before never receives it. One image, whose present tokens are
+        one run at its prompt start (the plan refuses other layouts)."""
+        start = self.layout.image_start
+        present = self.layout.schedule.tokens_per_layer(self.num_layers)[layer]
+        run = slice(start, start + present)
+        added = hidden[:, run] + gather_tokens(features, positions[:, run] - start).to(hidden.dtype)
+        return torch.cat([hidden[:, :start], added, hidden[:, run.stop :]], dim=1)
 
     def _image_index(self, positions: Tensor, images: tuple[int, ...], inverse: bool = False) -> Tensor:
         """Prompt positions of the images' tokens -> their indices among all image tokens (`inverse`: back)."""

@@ -55,6 +55,10 @@ class VisionCut:
         return tuple(sorted(set(self.method.tapped_layers(self.method_params))))
 
     @property
+    def tap_reduction(self) -> str:
+        return "attention received: mean over heads and all query rows, per key"
+
+    @property
     def depth(self) -> int:
         """Tower layers the pruned graph runs."""
         return max((*self.feature_layers, *self.tapped_layers, *((self.cls_layer,) if self.cls_layer else ())))

@@ -13,7 +13,9 @@ from torch import Tensor, nn
 
 from tpc.contract.names import (
     CLS_ATTENTION,
+    DEEPSTACK_EMBEDS,
     IMAGE_EMBEDS,
+    IMAGE_POSITIONS,
     INPUT_IDS,
     KEPT_INDICES,
     LOGITS,
@@ -23,7 +25,7 @@ from tpc.contract.names import (
     cache_names,
 )
 from tpc.methods.schedule import PromptImages
-from tpc.passes.decoder import ScheduledDecoder, padded_cache
+from tpc.passes.decoder import DecoderLayout, ScheduledDecoder, padded_cache
 from tpc.passes.prune_vision import PrunedVisionEncoder
 
 
@@ -47,17 +49,23 @@ class VisionComponent(nn.Module):
 
 
 class PrefillComponent(nn.Module):
-    """input_ids (B, L) + image_embeds (B, N_img, D) -> logits (B, V), present.* [, kept_indices].
+    """input_ids (B, L) + image_embeds (B, N_img, D) [+ what the vision graph hands on] -> logits (B, V), present.*
+    [, kept_indices].
 
     The image embeddings replace the image-token positions of each image's run (`place_images`), as transformers'
-    `masked_scatter` does for a prompt whose image tokens sit there (the runtime checks that).
+    `masked_scatter` does for a prompt whose image tokens sit there (the runtime checks that). `from_vision`: the
+    vision outputs the prefill also takes, in order: the `guide` its method samples by (`cls_attention`), the image
+    tokens' M-RoPE positions (`image_positions`), their DeepStack features (`deepstack_embeds`).
     """
 
-    def __init__(self, decoder: ScheduledDecoder, seg: bool = False, guide: str | None = None) -> None:
+    def __init__(
+        self, decoder: ScheduledDecoder, seg: bool = False, guide: str | None = None, from_vision: tuple[str, ...] = ()
+    ) -> None:
         super().__init__()
         self.decoder = decoder
         self.seg, self.guide = seg, guide
-        self.input_names = (INPUT_IDS, IMAGE_EMBEDS, *((guide,) if guide else ()))
+        self.from_vision = from_vision
+        self.input_names = (INPUT_IDS, IMAGE_EMBEDS, *self.from_vision)
         self.output_names = (LOGITS, *cache_names("present", decoder.num_layers))
         if seg:
             self.output_names += (SEG_HIDDEN,)
@@ -65,17 +73,17 @@ class PrefillComponent(nn.Module):
             self.output_names += (KEPT_INDICES,)
 
     def forward(
-        self,
-        input_ids: Tensor,
-        image_embeds: Tensor,
-        guide: Tensor | None = None,
-        forced_indices: Tensor | None = None,
+        self, input_ids: Tensor, image_embeds: Tensor, *from_vision: Tensor, forced_indices: Tensor | None = None
     ) -> tuple[Tensor, ...]:
-        """`guide` (B, N): the vision graph's signal the method samples by, when it reads one (`self.guide`)."""
         decoder = self.decoder
+        given = dict(zip(self.from_vision, from_vision, strict=True))
         text = decoder.adapter.embed_text(decoder.model, input_ids)
         hidden = place_images(text, image_embeds.to(text.dtype), decoder.layout.prompt)
-        hidden, cache, kept = decoder.prefill(hidden, image_embeds, forced_indices, guide)
+        positions = given.get(IMAGE_POSITIONS)
+        position_ids = None if positions is None else mrope_position_ids(positions, decoder.layout)
+        guide = given.get(self.guide) if self.guide else None
+        deepstack = given.get(DEEPSTACK_EMBEDS)
+        hidden, cache, kept = decoder.prefill(hidden, image_embeds, forced_indices, guide, position_ids, deepstack)
         outputs = (decoder.logits(hidden), *padded_cache(cache, decoder.layout.decode_steps))
         if self.seg:
             outputs += (decoder.final_hidden(hidden).float(),)
@@ -90,6 +98,24 @@ def place_images(text: Tensor, image_embeds: Tensor, prompt: PromptImages) -> Te
         pieces += [text[:, position:start], image_embeds[:, first : first + count]]
         position, first = start + count, first + count
     return torch.cat([*pieces, text[:, position:]], dim=1)
+
+
+def mrope_position_ids(image_positions: Tensor, layout: DecoderLayout) -> Tensor:
+    """(B, L, 3) M-RoPE positions of the prompt the prefill receives, as transformers' `get_rope_index` numbers the
+    unpruned prompt: text tokens count up on all three axes, an image's tokens sit at its start + their (t, h, w)
+    (`image_positions`, B, K, 3: the kept ones' original places), and the text after an image resumes
+    `image_position_span` past its start, however many of its tokens were kept."""
+    assert layout.image_position_span is not None, "an M-RoPE layout"
+    prompt, span = layout.prompt, layout.image_position_span
+    batch = image_positions.shape[0]
+    pieces, position, first, shift = [], 0, 0, 0  # shift: rotary position minus prompt index of the text
+    for start, count in zip(prompt.starts, prompt.tokens, strict=True):
+        text = torch.arange(position, start, device=image_positions.device) + shift
+        pieces += [text.view(1, -1, 1).expand(batch, -1, 3), image_positions[:, first : first + count] + start + shift]
+        shift += span - count
+        position, first = start + count, first + count
+    text = torch.arange(position, prompt.length, device=image_positions.device) + shift
+    return torch.cat([*pieces, text.view(1, -1, 1).expand(batch, -1, 3)], dim=1)
 
 
 class DecodeComponent(nn.Module):
