@@ -117,6 +117,60 @@ def test_static_fill_differs_from_the_reference_only_by_filling_duplicates() -> 
     assert static - reference == {max(outside, key=lambda i: float(deep[i]))}
 
 
+def test_reference_count_marks_exactly_the_references_set() -> None:
+    """`qwen_duplicates=reference`: the static mask of what the reference keeps equals its data-dependent selection,
+    duplicates included, and lies inside the static fill's N' slots."""
+    duplicates = 0
+    for seed in range(40):
+        generator = torch.Generator().manual_seed(seed)
+        shallow, deep = torch.rand(196, generator=generator), torch.rand(196, generator=generator) * 2
+        if seed % 2:
+            deep[int(shallow.argmax())] = 5.0  # a sink on the anchor
+        retain = (0.334, 0.223, 0.112, 0.5)[seed % 4]
+        reference = hiprune.qwen_select_reference(shallow, deep, retain, (1, 28, 28))
+        budget = hiprune.qwen_budget(196, retain)
+        kept = hiprune.qwen_reference_kept(shallow[None], deep[None], budget, (14, 14))[0]
+        assert torch.equal(torch.arange(196)[kept], reference)
+        assert set(reference.tolist()) <= set(hiprune.qwen_select(shallow, deep, retain, (1, 28, 28)).tolist())
+        duplicates += budget - len(reference)
+    assert duplicates >= 20  # the cases exercise the quirk
+
+
+def test_masked_slots_equal_the_references_shorter_prompt() -> None:
+    """A slot the reference does not keep is masked out of every prefill layer and decode step: the logits equal
+    transformers' Qwen decoder run on the prompt without that token (original M-RoPE positions kept)."""
+    pruned = build(PruneRequest(QWEN25, "hiprune", 32, {"qwen_duplicates": "reference"}, max_new_tokens=8))
+    prefill, decode = pruned.components["prefill"].module, pruned.components["decode"].module
+    inputs = dict(pruned.samples(0)["prefill"])
+    valid = torch.ones_like(inputs["image_valid"])
+    valid[:, [3, 17]] = 0  # two slots of re-picked anchors
+    inputs["image_valid"] = valid
+    with torch.no_grad():
+        out = dict(zip(prefill.output_names, prefill(*inputs.values()), strict=True))
+        token = out["logits"].argmax(-1, keepdim=True)
+        past = [out[name.replace("past.", "present.", 1)] for name in decode.input_names[2:]]
+        step = dict(zip(decode.output_names, decode(token, torch.zeros(1, dtype=torch.int64), *past), strict=True))
+    layout, model = pruned.plan.cache, prefill.decoder.model
+    text = model.model.language_model
+    start = layout.image_start
+    hidden = text.embed_tokens(inputs["input_ids"])
+    hidden = torch.cat([hidden[:, :start], inputs["image_embeds"], hidden[:, start + 32 :]], dim=1)
+    positions = mrope_position_ids(inputs["image_positions"], layout)
+    keep = torch.ones(hidden.shape[1], dtype=torch.bool)
+    keep[[start + 3, start + 17]] = False
+    with torch.no_grad():
+        first = text(inputs_embeds=hidden[:, keep], position_ids=positions[:, keep].permute(2, 0, 1), use_cache=True)
+        torch.testing.assert_close(model.lm_head(first.last_hidden_state[:, -1]), out["logits"], rtol=1e-4, atol=1e-5)
+        after = torch.full((3, 1, 1), layout.next_position)
+        second = text(inputs_embeds=text.embed_tokens(token), position_ids=after, past_key_values=first.past_key_values)
+    torch.testing.assert_close(model.lm_head(second.last_hidden_state[:, -1]), step["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_reference_count_export_verifies(exported: Callable[..., Path]) -> None:
+    report = verify(exported(QWEN25, "hiprune", 32, {"qwen_duplicates": "reference"}), samples=1)
+    assert report.passed, report.diagnosis
+
+
 @pytest.mark.parametrize(("model", "method"), [(QWEN25, "hiprune"), (QWEN3, "fastv")])
 def test_onnx_exports_verify(exported: Callable[..., Path], model: str, method: str) -> None:
     """A windowed tower's taps (Qwen2.5-VL HiPrune); a prefill prune between DeepStack levels (Qwen3-VL FastV)."""
@@ -239,6 +293,7 @@ def test_a_single_image_export_refuses_two_images(exported: Callable[..., Path])
         (["--method", "fastv", "--keep", "8", "--param", "scoring=windowed"], "--param scoring applies to methods"),
         (["--method", "hiprune", "--keep", "8", "--param", "retain=0.5"], "disagree"),
         (["--method", "hiprune", "--keep", "8", "--param", "scoring=eager"], "expected one of global, windowed"),
+        (["--method", "fastv", "--keep", "8", "--param", "qwen_duplicates=reference"], "applies to hiprune"),
     ],
 )
 def test_bad_qwen_arguments_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list, message: str):

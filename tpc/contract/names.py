@@ -28,6 +28,9 @@ CLS_ATTENTION = "cls_attention"
 # an M-RoPE (Qwen-VL) vision graph's (t, h, w) position of each image token handed on, relative to the image's first
 # position, and Qwen3-VL's DeepStack features of those tokens (B, K, levels, D): both handed to the prefill
 IMAGE_POSITIONS, DEEPSTACK_EMBEDS = "image_positions", "deepstack_embeds"
+# HiPrune-Qwen's exact count (`qwen_duplicates=reference`): which of the K slots handed on the reference keeps (B, K)
+# int64 1/0, and the key mask it becomes in the cache (B, capacity), fed back to decode like the cache itself
+IMAGE_VALID, PRESENT_VALID, PAST_VALID = "image_valid", "present.valid", "past.valid"
 
 # components: an encoder export's one graph; a VLM's three; a policy's step graph(s)
 SINGLE = "model"

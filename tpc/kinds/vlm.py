@@ -25,6 +25,7 @@ from tpc.contract.names import (
     CLS_ATTENTION,
     DEEPSTACK_EMBEDS,
     IMAGE_POSITIONS,
+    IMAGE_VALID,
     INPUT_IDS,
     PIXEL_VALUES,
     STEP_INPUT,
@@ -114,7 +115,8 @@ class VlmPlan(DecoderPlan):
             scoring = self.family_params.get("scoring", GLOBAL)
             deepstack = self.qwen.deepstack_levels(config) > 0
             grid, depth = self.qwen.grid(config), self.source.geometry.num_layers
-            return QwenCut(method, self.per_image, params, grid, depth, scoring, deepstack)
+            exact = self.exact_count
+            return QwenCut(method, self.per_image, params, grid, depth, scoring, deepstack, exact)
         adapter = llava_adapter(self.source)
         return VisionCut(
             adapter.tower(config),
@@ -161,6 +163,11 @@ class VlmPlan(DecoderPlan):
         )
 
     @property
+    def exact_count(self) -> bool:
+        """HiPrune-Qwen with `qwen_duplicates=reference`: the K slots carry a validity mask, used as a key mask."""
+        return self.family_params.get("qwen_duplicates") == REFERENCE_COUNT
+
+    @property
     def from_vision(self) -> tuple[str, ...]:
         """The vision outputs the prefill takes besides the embeddings: the guide its method samples by; a Qwen's
         M-RoPE positions and DeepStack features of the tokens handed on."""
@@ -168,7 +175,8 @@ class VlmPlan(DecoderPlan):
         if self.qwen is None:
             return guide
         deepstack = (DEEPSTACK_EMBEDS,) if self.qwen.deepstack_levels(self.source.config) else ()
-        return (*guide, IMAGE_POSITIONS, *deepstack)
+        valid = (IMAGE_VALID,) if self.exact_count else ()
+        return (*guide, IMAGE_POSITIONS, *deepstack, *valid)
 
     def flops(self) -> dict[str, int]:
         """2x multiply-adds of each stage for one image and prompt (what an ideal runtime's time is proportional to).
@@ -255,7 +263,16 @@ RETAIN = Param(
     high=1.0,
     low_open=True,
 )
-QWEN_PARAMS = {param.name: param for param in (IMAGE_SIZE, SCORING, RETAIN)}
+STATIC_FILL, REFERENCE_COUNT = "fill", "reference"
+QWEN_DUPLICATES = Param(
+    "qwen_duplicates",
+    str,
+    STATIC_FILL,
+    "HiPrune: fill the slots of re-picked anchors/buffers with the next-best deep tokens (static count), or keep the "
+    "reference's count N' - #duplicates (padded slots masked out of attention)",
+    choices=(STATIC_FILL, REFERENCE_COUNT),
+)
+QWEN_PARAMS = {param.name: param for param in (IMAGE_SIZE, SCORING, RETAIN, QWEN_DUPLICATES)}
 
 
 def qwen_source(source: ModelSource, adapter: QwenVlAdapter, given: dict[str, str]) -> tuple[ModelSource, dict]:
@@ -310,6 +327,8 @@ def plan_vlm(request: PruneRequest, source: ModelSource) -> VlmPlan:
     reads_tower = isinstance(method, VisionMethod) and bool(method.tapped_layers(params))
     if family_params.get("scoring", GLOBAL) != GLOBAL and not reads_tower:
         raise UsageError(f"--param scoring applies to methods that read the tower's attention, not {method.name}")
+    if family_params.get("qwen_duplicates", STATIC_FILL) != STATIC_FILL and method.name != "hiprune":
+        raise UsageError(f"--param qwen_duplicates applies to hiprune (its duplicates quirk), not {method.name}")
     check_method_layers(method, params, {"encoder": (1, geometry.num_layers), "decoder": (1, decoder.num_layers - 1)})
     num_image = adapter.image_tokens(config)
     keeps_prefix = isinstance(adapter, LlavaAdapter) and adapter.keeps_prefix(config)
@@ -376,7 +395,7 @@ def build_vlm(plan: VlmPlan) -> Pruned:
     decoder = ScheduledDecoder(model, adapter, plan.cache, prefill_method, plan.method_params)
     seg = plan.adapter.seg_token_id(source.config) is not None
     prefill = PrefillComponent(decoder, seg, plan.guide, plan.from_vision).eval()
-    decode = DecodeComponent(decoder, seg).eval()
+    decode = DecodeComponent(decoder, seg, key_valid=plan.exact_count).eval()
     components = {
         "vision": Component("vision", vision, vision.input_names, vision.output_names),
         "prefill": Component("prefill", prefill, prefill.input_names, prefill.output_names),
@@ -459,8 +478,8 @@ def chained_samples(
     with torch.no_grad():
         prefill_out = prefill.module(*prefill_inputs.values())
     token = prefill_out[0].argmax(dim=-1, keepdim=True)
-    present = prefill_out[1 : 1 + 2 * plan.decoder.num_layers]
-    past = dict(zip(components["decode"].input_names[2:], present, strict=True))
+    outputs = dict(zip(prefill.output_names, prefill_out, strict=True))
+    past = {name: outputs[name.replace("past.", "present.", 1)] for name in components["decode"].input_names[2:]}
     return {
         "vision": {PIXEL_VALUES: pixels[:, 0] if plan.prompt.images > 1 else pixels},
         "prefill": prefill_inputs,

@@ -150,6 +150,26 @@ def qwen_select_reference(
     return torch.arange(n, device=deep.device)[chosen]
 
 
+def qwen_reference_kept(
+    score_object: Tensor, score_deep: Tensor, keep: int, grid: int | tuple[int, int], alpha: float = DEFAULT_ALPHA
+) -> Tensor:
+    """(B, N) bool: the tokens the Qwen reference keeps, duplicates quirk included, with static shapes.
+
+    The anchors and buffers AB, and every token ranked among the first n_d = keep - |AB| by `deep - AB` (value
+    desc, index asc: the select op's order); an AB token ranked there takes a register's place, so the count is
+    keep - #duplicates. All of them lie in `priority`'s top `keep` (the static fill), which adds the next-best
+    deep tokens outside AB; this marks which of those slots the reference has. (B, N, N) comparisons, no sort.
+    """
+    chosen = anchor_buffer_mask(score_object, keep, grid, alpha)
+    adjusted = score_deep - chosen.to(score_deep.dtype)
+    index = torch.arange(adjusted.shape[-1], device=adjusted.device)
+    other, this = adjusted[:, None, :], adjusted[:, :, None]  # [b, t, u]: does u rank before t?
+    ahead = torch.logical_or(other > this, torch.logical_and(other == this, index[None, :] < index[:, None]))
+    rank = ahead.to(torch.int32).sum(dim=-1)
+    registers = keep - chosen.to(torch.int32).sum(dim=-1, keepdim=True)
+    return torch.logical_or(chosen, rank < registers)
+
+
 # --- the method as the pipeline uses it ------------------------------------------------------------------
 
 
@@ -178,6 +198,7 @@ __all__ = [
     "priority",
     "qwen_budget",
     "qwen_reduce",
+    "qwen_reference_kept",
     "qwen_select",
     "qwen_select_reference",
     "scores",

@@ -333,6 +333,7 @@ class ScheduledDecoder(nn.Module):
         guide: Tensor | None = None,
         position_ids: Tensor | None = None,
         deepstack: Tensor | None = None,
+        key_valid: Tensor | None = None,
     ) -> tuple[Tensor, RecordingCache, Tensor | None]:
         """Every layer over the prompt `hidden` (B, L, D), whose image tokens `image_embeds` (B, N, D: every image's,
         in prompt order) sit at the layout's image runs, applying the schedule: (last hidden states, the recorded
@@ -343,6 +344,7 @@ class ScheduledDecoder(nn.Module):
         `guide` (B, N): a per-image-token signal from outside the decoder (a policy's history; a tower's attention).
         `position_ids` (B, L, 3): M-RoPE positions of the prompt (default: its positions 0..L-1). `deepstack`
         (B, N, levels, D): features added to the image tokens present after each of the first `levels` layers.
+        `key_valid` (B, L) 1/0: prompt tokens no query may attend to (0), in a schedule without transitions.
         """
         batch, length = hidden.shape[:2]
         every = torch.arange(length, device=hidden.device).expand(batch, length)
@@ -353,6 +355,11 @@ class ScheduledDecoder(nn.Module):
         rotary = self.adapter.rotary(self.model, hidden, rotary_ids)
         entering: Tensor | None = None  # the sequence entering the previous layer
         cache, kept_runs, number = RecordingCache(), [], 0
+        mask = None  # None: causal attention over every present token
+        if key_valid is not None:
+            assert not self.layout.schedule.transitions, "a key mask is built for one prompt length"
+            causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+            mask = torch.logical_and(causal[None, None], key_valid.bool()[:, None, None, :])
         for index in range(self.num_layers):
             transitions = self.transitions.get(index, [])
             for transition in transitions:
@@ -380,7 +387,7 @@ class ScheduledDecoder(nn.Module):
             if transitions:
                 rotary = self.adapter.rotary(self.model, sequence.hidden, sequence.position_ids)
             entering = sequence.hidden
-            hidden_out = self.run_layer(index, sequence.hidden, rotary, None, cache)
+            hidden_out = self.run_layer(index, sequence.hidden, rotary, mask, cache)
             if deepstack is not None and index < deepstack.shape[2]:
                 hidden_out = self._add_deepstack(hidden_out, sequence.positions, deepstack[:, :, index], index)
             sequence = _Sequence(hidden_out, sequence.positions, sequence.position_ids)
@@ -498,8 +505,11 @@ class ScheduledDecoder(nn.Module):
             raise ValueError(f"the prune at layer {layer} has no priority function and the decoder no method")
         return priority(signals, prune.keep, self.params)
 
-    def decode_static(self, input_ids: Tensor, step: Tensor, past: tuple[Tensor, ...]) -> tuple[Tensor, list[Tensor]]:
-        """One greedy step on the static cache: (hidden states of the new token, present.* in cache_names order)."""
+    def decode_static(
+        self, input_ids: Tensor, step: Tensor, past: tuple[Tensor, ...], key_valid: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """One greedy step on the static cache: (hidden states of the new token, present.* in cache_names order).
+        `key_valid` (B, capacity) 1/0: cache slots never attended to (0), the prefill's key mask."""
         hidden = self.adapter.embed_text(self.model, input_ids)
         positions = (step + self.layout.next_position).view(1, 1).expand(hidden.shape[0], 1)
         rotary = self.adapter.rotary(self.model, hidden, positions)
@@ -508,8 +518,9 @@ class ScheduledDecoder(nn.Module):
         masks: dict[int, Tensor] = {}
         for index, capacity in enumerate(self.layout.capacities):
             if capacity not in masks:  # attend to the filled slots, the new one included
-                visible = torch.arange(capacity, device=hidden.device) <= slots[index]
-                masks[capacity] = visible.view(1, 1, 1, capacity)
+                visible = (torch.arange(capacity, device=hidden.device) <= slots[index]).view(1, 1, 1, capacity)
+                valid = None if key_valid is None else key_valid.bool()[:, None, None, :capacity]
+                masks[capacity] = visible if valid is None else torch.logical_and(visible, valid)
             hidden = self.run_layer(index, hidden, rotary, masks[capacity], cache)
         return hidden, [tensor for index in range(self.num_layers) for tensor in cache.present[index]]
 

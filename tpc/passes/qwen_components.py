@@ -15,8 +15,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tpc.contract.names import DEEPSTACK_EMBEDS, IMAGE_EMBEDS, IMAGE_POSITIONS, KEPT_INDICES, PIXEL_VALUES
-from tpc.methods import VisionMethod, VisionSignals
+from tpc.contract.names import (
+    DEEPSTACK_EMBEDS,
+    IMAGE_EMBEDS,
+    IMAGE_POSITIONS,
+    IMAGE_VALID,
+    KEPT_INDICES,
+    PIXEL_VALUES,
+)
+from tpc.methods import VisionMethod, VisionSignals, hiprune
 from tpc.models_zoo import QwenGrid
 from tpc.ops import gather_tokens, select_indices
 from tpc.passes.qwen_vision import SCORINGS, QwenVisionGrid, QwenVisionTower, Scoring
@@ -37,6 +44,8 @@ class QwenCut:
     blocks: int  # the tower's depth: every block runs (the merger reads the last one's output)
     scoring: Scoring = GLOBAL
     deepstack: bool = False  # the vision graph hands on DeepStack features (Qwen3-VL)
+    # HiPrune's `qwen_duplicates=reference`: also output which of the K slots the reference keeps (`image_valid`)
+    exact_count: bool = False
 
     @property
     def tapped_layers(self) -> tuple[int, ...]:
@@ -64,12 +73,9 @@ class QwenVisionComponent(nn.Module):
         self.cut = cut
         grid = QwenVisionGrid.from_config(visual.config, (cut.grid.image_size, cut.grid.image_size))
         self.tower = QwenVisionTower(visual, grid, cut.tapped_layers, cut.scoring)
-        self.output_names = (
-            IMAGE_EMBEDS,
-            KEPT_INDICES,
-            IMAGE_POSITIONS,
-            *((DEEPSTACK_EMBEDS,) if cut.deepstack else ()),
-        )
+        deepstack = (DEEPSTACK_EMBEDS,) if cut.deepstack else ()
+        valid = (IMAGE_VALID,) if cut.exact_count else ()
+        self.output_names = (IMAGE_EMBEDS, KEPT_INDICES, IMAGE_POSITIONS, *deepstack, *valid)
         self.register_buffer("grid_positions", cut.grid.positions(), persistent=False)
 
     def forward(self, pixel_values: Tensor, forced_indices: Tensor | None = None) -> tuple[Tensor, ...]:
@@ -89,4 +95,15 @@ class QwenVisionComponent(nn.Module):
         outputs: tuple[Tensor, ...] = (gather_tokens(embeds, kept), kept, positions)
         if cut.deepstack:
             outputs += (torch.stack([gather_tokens(level, kept) for level in out.deepstack], dim=2),)
+        if cut.exact_count:
+            outputs += (self.reference_slots(out.received, kept),)
         return outputs
+
+    def reference_slots(self, received: dict[int, Tensor], kept: Tensor) -> Tensor:
+        """(B, K) int64: 1 where the slot holds a token the HiPrune-Qwen reference keeps, 0 where the static fill
+        added one in place of a duplicate (`hiprune.qwen_reference_kept`)."""
+        cut, params = self.cut, self.cut.method_params
+        kept_by_reference = hiprune.qwen_reference_kept(
+            received[params["object_layer"]], received[params["deep_layer"]], cut.keep, cut.grid.merged, params["alpha"]
+        )
+        return kept_by_reference.gather(1, kept).to(torch.int64)

@@ -16,10 +16,13 @@ from tpc.contract.names import (
     DEEPSTACK_EMBEDS,
     IMAGE_EMBEDS,
     IMAGE_POSITIONS,
+    IMAGE_VALID,
     INPUT_IDS,
     KEPT_INDICES,
     LOGITS,
+    PAST_VALID,
     PIXEL_VALUES,
+    PRESENT_VALID,
     SEG_HIDDEN,
     STEP_INPUT,
     cache_names,
@@ -67,6 +70,8 @@ class PrefillComponent(nn.Module):
         self.from_vision = from_vision
         self.input_names = (INPUT_IDS, IMAGE_EMBEDS, *self.from_vision)
         self.output_names = (LOGITS, *cache_names("present", decoder.num_layers))
+        if IMAGE_VALID in from_vision:  # the cache's key mask, for decode
+            self.output_names += (PRESENT_VALID,)
         if seg:
             self.output_names += (SEG_HIDDEN,)
         if decoder.layout.schedule.prunes:
@@ -82,9 +87,14 @@ class PrefillComponent(nn.Module):
         positions = given.get(IMAGE_POSITIONS)
         position_ids = None if positions is None else mrope_position_ids(positions, decoder.layout)
         guide = given.get(self.guide) if self.guide else None
-        deepstack = given.get(DEEPSTACK_EMBEDS)
-        hidden, cache, kept = decoder.prefill(hidden, image_embeds, forced_indices, guide, position_ids, deepstack)
+        deepstack, valid = given.get(DEEPSTACK_EMBEDS), given.get(IMAGE_VALID)
+        key_valid = None if valid is None else key_mask(valid, decoder.layout.prompt)
+        hidden, cache, kept = decoder.prefill(
+            hidden, image_embeds, forced_indices, guide, position_ids, deepstack, key_valid
+        )
         outputs = (decoder.logits(hidden), *padded_cache(cache, decoder.layout.decode_steps))
+        if key_valid is not None:  # decode slots are real tokens
+            outputs += (torch.cat([key_valid, key_valid.new_ones((len(key_valid), decoder.layout.decode_steps))], 1),)
         if self.seg:
             outputs += (decoder.final_hidden(hidden).float(),)
         return (*outputs, kept) if kept is not None else outputs
@@ -98,6 +108,17 @@ def place_images(text: Tensor, image_embeds: Tensor, prompt: PromptImages) -> Te
         pieces += [text[:, position:start], image_embeds[:, first : first + count]]
         position, first = start + count, first + count
     return torch.cat([*pieces, text[:, position:]], dim=1)
+
+
+def key_mask(image_valid: Tensor, prompt: PromptImages) -> Tensor:
+    """(B, L) int64 1/0: which prompt positions may be attended to: every text token, the image slots `image_valid`
+    (B, N, every image's, in prompt order) marks."""
+    ones = image_valid.new_ones((image_valid.shape[0], prompt.length))
+    pieces, position, first = [], 0, 0
+    for start, count in zip(prompt.starts, prompt.tokens, strict=True):
+        pieces += [ones[:, position:start], image_valid[:, first : first + count]]
+        position, first = start + count, first + count
+    return torch.cat([*pieces, ones[:, position:]], dim=1)
 
 
 def mrope_position_ids(image_positions: Tensor, layout: DecoderLayout) -> Tensor:
@@ -121,14 +142,18 @@ def mrope_position_ids(image_positions: Tensor, layout: DecoderLayout) -> Tensor
 class DecodeComponent(nn.Module):
     """input_ids (B, 1) + step (1,) + past.* -> logits (B, V), present.*: one greedy step on the static cache."""
 
-    def __init__(self, decoder: ScheduledDecoder, seg: bool = False) -> None:
+    def __init__(self, decoder: ScheduledDecoder, seg: bool = False, key_valid: bool = False) -> None:
         super().__init__()
         self.decoder = decoder
-        self.seg = seg
-        self.input_names = (INPUT_IDS, STEP_INPUT, *cache_names("past", decoder.num_layers))
-        self.output_names = (LOGITS, *cache_names("present", decoder.num_layers), *((SEG_HIDDEN,) if seg else ()))
+        self.seg, self.key_valid = seg, key_valid
+        valid = ((PAST_VALID,), (PRESENT_VALID,)) if key_valid else ((), ())
+        self.input_names = (INPUT_IDS, STEP_INPUT, *cache_names("past", decoder.num_layers), *valid[0])
+        self.output_names = (LOGITS, *cache_names("present", decoder.num_layers), *valid[1])
+        self.output_names += (SEG_HIDDEN,) if seg else ()
 
     def forward(self, input_ids: Tensor, step: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
-        hidden, present = self.decoder.decode_static(input_ids, step, past)
-        outputs = (self.decoder.logits(hidden), *present)
+        """`past`: the cache, then (with `key_valid`) its key mask, handed on unchanged."""
+        cache, valid = (past[:-1], past[-1]) if self.key_valid else (past, None)
+        hidden, present = self.decoder.decode_static(input_ids, step, cache, valid)
+        outputs = (self.decoder.logits(hidden), *present, *(() if valid is None else (valid,)))
         return (*outputs, self.decoder.final_hidden(hidden).float()) if self.seg else outputs
