@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: install demo test lint bench-taps bench-llava bench-openvla bench-executorch bench-select clean
+.PHONY: install demo test lint bench-taps bench-llava bench-qwen bench-openvla bench-executorch bench-select clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "==> creating $(VENV) and installing tpc with its runtimes (torch, ONNX Runtime, ExecuTorch, Core ML tools):"
@@ -39,7 +39,10 @@ bench-taps: $(STAMP)
 	$(BIN)/python benchmarks/attention_tap.py
 
 bench-llava: $(STAMP)
-	$(BIN)/python benchmarks/llava_prefill.py
+	$(BIN)/python benchmarks/vlm_prefill.py --model llava-bench
+
+bench-qwen: $(STAMP)
+	$(BIN)/python benchmarks/vlm_prefill.py --model qwen25vl-bench
 
 bench-openvla: $(STAMP)
 	$(BIN)/python benchmarks/openvla_control.py

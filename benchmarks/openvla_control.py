@@ -34,8 +34,6 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,14 +44,13 @@ from machine import machine
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from shared import console_steps, reusable, timing_flag, wait_while_busy
 
-from tpc.contract.manifest import Manifest
 from tpc.contract.names import PRUNED, STEP, WARMUP
 from tpc.errors import VerificationFailed
 from tpc.exporting import export
 from tpc.kinds.policy import VlaPlan, seeded_frames, seeded_prompt
 from tpc.pipeline import PruneRequest, plan
-from tpc.progress import Step
 from tpc.runtimes.policy import Policy
 
 matplotlib.use("Agg")
@@ -62,9 +59,6 @@ import matplotlib.pyplot as plt
 MODEL = "zoo:openvla-bench"
 METHOD = "vla-pruner"
 KEEPS = (128, 64, 32)
-SIGNALS = Path("/tmp/tpc-bench")
-BUSY, TIMING = SIGNALS / "BUSY", SIGNALS / "TIMING"
-BUSY_POLL_S, BUSY_MAX_S = 10, 15 * 60
 EXPORT_LOG = "export_times.json"  # in --work: how long each kept export took, for runs that reuse it
 
 
@@ -141,31 +135,6 @@ def disk_mb(directory: Path) -> float:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) / 2**20
 
 
-def reusable(directory: Path, model: str, method: str, keep: int | None) -> Manifest | None:
-    """An earlier run's export of the same request whose verification passed, else None."""
-    if not (directory / "tpc.json").exists():
-        return None
-    try:
-        manifest = Manifest.read(directory)
-    except Exception:
-        return None
-    same = manifest.model["ref"] == model and manifest.method == method and (keep is None or manifest.keep == keep)
-    passed = bool(manifest.verification and manifest.verification.get("passed"))
-    return manifest if same and passed else None
-
-
-def console_steps(console: Console, prefix: str) -> Step:
-    """A tpc `step` reporter that prints one line per finished stage (readable in a log file)."""
-
-    @contextmanager
-    def step(description: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        console.print(f"  {prefix}: {description} ({time.perf_counter() - start:.1f}s)")
-
-    return step
-
-
 def export_all(
     model: str, keeps: tuple[int, ...], work: Path, force: bool, console: Console, progress: Progress
 ) -> list[ExportInfo]:
@@ -207,27 +176,6 @@ def export_all(
         infos.append(ExportInfo(name, str(out), verified, False, elapsed, size, diagnosis))
         progress.advance(task)
     return infos
-
-
-def wait_while_busy(console: Console) -> float:
-    """Wait while another process signals heavy work; returns the seconds waited."""
-    start = time.monotonic()
-    while BUSY.exists() and time.monotonic() - start < BUSY_MAX_S:
-        console.print(f"{BUSY} exists; waiting ({time.monotonic() - start:.0f}s so far)")
-        time.sleep(BUSY_POLL_S)
-    if BUSY.exists():
-        console.print(f"[yellow]{BUSY} still exists after {BUSY_MAX_S}s; timing anyway[/yellow]")
-    return time.monotonic() - start
-
-
-@contextmanager
-def timing_flag() -> Iterator[None]:
-    SIGNALS.mkdir(parents=True, exist_ok=True)
-    TIMING.write_text(f"{os.getpid()}\n")
-    try:
-        yield
-    finally:
-        TIMING.unlink(missing_ok=True)
 
 
 def run_episodes(

@@ -175,7 +175,8 @@ def test_qwen25_taps_equal_qwen_reduce_of_the_attention_maps(qwen25: nn.Module, 
     pixels = _pixels(PARTIAL_WINDOWS)
     with torch.no_grad():
         out, untapped = tower.eval()(pixels), QwenVisionTower(qwen25, grid).eval()(pixels)
-    torch.testing.assert_close(out.embeds, untapped.embeds, rtol=0, atol=0)  # the taps leave the blocks alone
+    # a tapped block whose scored softmax is its own computes its output from it: the same up to rounding
+    torch.testing.assert_close(out.embeds, untapped.embeds, rtol=1e-5, atol=1e-6)
     assert grid.reverse_indices is not None
     for row in range(2):
         with torch.no_grad():

@@ -166,15 +166,14 @@ def test_masked_slots_equal_the_references_shorter_prompt() -> None:
     torch.testing.assert_close(model.lm_head(second.last_hidden_state[:, -1]), step["logits"], rtol=1e-4, atol=1e-5)
 
 
-def test_reference_count_export_verifies(exported: Callable[..., Path]) -> None:
-    report = verify(exported(QWEN25, "hiprune", 32, {"qwen_duplicates": "reference"}), samples=1)
-    assert report.passed, report.diagnosis
+EXACT = {"qwen_duplicates": "reference"}
 
 
-@pytest.mark.parametrize(("model", "method"), [(QWEN25, "hiprune"), (QWEN3, "fastv")])
-def test_onnx_exports_verify(exported: Callable[..., Path], model: str, method: str) -> None:
-    """A windowed tower's taps (Qwen2.5-VL HiPrune); a prefill prune between DeepStack levels (Qwen3-VL FastV)."""
-    report = verify(exported(model, method, 32), samples=2)
+@pytest.mark.parametrize(("model", "method", "params"), [(QWEN25, "hiprune", EXACT), (QWEN3, "fastv", {})])
+def test_onnx_exports_verify(exported: Callable[..., Path], model: str, method: str, params: dict) -> None:
+    """A windowed tower's taps with the reference's count (Qwen2.5-VL HiPrune: `image_valid`, the cache's key mask
+    fed back to decode); a prefill prune between DeepStack levels (Qwen3-VL FastV)."""
+    report = verify(exported(model, method, 32, params), samples=2)
     assert report.passed, report.diagnosis
     assert report.kept_rows_agreeing == report.kept_rows > 0
     assert report.generation is not None and report.generation.passed
@@ -276,8 +275,8 @@ def test_user_qwen25_directory_exports_verifies_and_generates_as_transformers(tm
 
 
 def test_a_single_image_export_refuses_two_images(exported: Callable[..., Path]) -> None:
-    directory = exported(QWEN25, "hiprune", 32)
-    pruned = build(PruneRequest(QWEN25, "hiprune", 32))
+    directory = exported(QWEN25, "hiprune", 32, EXACT)
+    pruned = build(PruneRequest(QWEN25, "hiprune", 32, EXACT))
     pixels, ids = generation_inputs(pruned, 0)
     with pytest.raises(UsageError, match="pixel_values"):
         VLM.load(directory).generate(np.stack([pixels, pixels], axis=1), ids)

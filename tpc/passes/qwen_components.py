@@ -63,7 +63,7 @@ class QwenCut:
 
 class QwenVisionComponent(nn.Module):
     """pixel_values (B, C, H, W) -> image_embeds (B, K, D_text), kept_indices (B, K) ascending, image_positions
-    (B, K, 3) [, deepstack_embeds (B, K, levels, D_text)]."""
+    (B, K, 3) [, deepstack_embeds (B, K, levels, D_text)] [, image_valid (B, K): `qwen_duplicates=reference`]."""
 
     input_names = (PIXEL_VALUES,)
     grid_positions: Tensor

@@ -14,7 +14,8 @@ computes those constants once, outside the graph, with transformers' own helpers
 * the merged tokens come out in raster order (transformers' `pooler_output`, after Qwen2.5's `reverse_indices`),
   DeepStack levels (Qwen3) likewise;
 * a tapped block also outputs HiPrune-Qwen's attention received per merged token (`hiprune.qwen_reduce` of the
-  block's attention map) from the same rotated q and k, row block by row block, without `output_attentions`.
+  block's attention map) from the same rotated q and k, row block by row block, without `output_attentions`; when
+  the scored softmax is the block's own attention, the block's output comes from the same probabilities.
 """
 
 from __future__ import annotations
@@ -243,17 +244,37 @@ def received_attention(
     `group_of` (T,) restricts each row's softmax to its own group (the reference's eager branch, windowed);
     None scores every key (its flash-attention branch). Row blocks keep at most `block_elements` probabilities.
     """
+    return scored_attention(query, key, None, scale, group_of, block_elements)[1]
+
+
+def scored_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor | None,
+    scale: float,
+    group_of: Tensor | None,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> tuple[Tensor | None, Tensor]:
+    """`received_attention`, and with `value` (B, H, T, d) the attention output (B, H, T, d) from the same
+    probabilities: a tapped block whose scored softmax is its own attention (a full-attention block, or windowed
+    scoring) then computes the softmax once, not once for the scores and once more in SDPA."""
     batch, heads, tokens, _ = query.shape
     rows = max(1, min(tokens, block_elements // max(1, batch * heads * tokens)))
     key_t = key.transpose(-1, -2)
     received = query.new_zeros((batch, tokens), dtype=torch.float32)
+    outputs = []
     for start in range(0, tokens, rows):
         logits = torch.matmul(query[:, :, start : start + rows], key_t) * scale
         if group_of is not None:
             same = group_of[start : start + rows, None] == group_of[None, :]
             logits = logits.masked_fill(~same, float("-inf"))
-        received = received + torch.softmax(logits, dim=-1, dtype=torch.float32).sum(dim=(1, 2))
-    return received / heads
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        # the row sum as a product with ones: a GEMV in every runtime (ONNX Runtime's ReduceSum over the middle
+        # axes of (B, H, rows, T) took 36 ms of a 200 ms tower at 448 px)
+        received = received + torch.matmul(probs.new_ones(probs.shape[2]), probs).sum(dim=1)
+        if value is not None:
+            outputs.append(torch.matmul(probs.to(value.dtype), value))
+    return (torch.cat(outputs, dim=2) if value is not None else None), received / heads
 
 
 def merged_received(received: Tensor, unit: int, reverse_indices: Tensor | None) -> Tensor:
@@ -284,8 +305,10 @@ class QwenVisionTower(nn.Module):
     `grid` fixes the image size. `tapped_blocks` (1-based) also output HiPrune-Qwen's scores; `scoring="global"`
     (default, the reference's flash-attention branch, the benchmarked one) takes each row's softmax over all
     patches, also in a windowed block, `"windowed"` (its eager branch) within the row's window (the same thing in
-    a full-attention block, so everywhere in Qwen3). The block output always uses the block's own attention: the
-    tap recomputes the logits rather than changing it. Every block runs (the merged tokens are the last block's),
+    a full-attention block, so everywhere in Qwen3). The block output always is the block's own attention: where the
+    scored softmax is that attention (a full-attention block, or windowed scoring) the output is computed from the
+    same probabilities, one softmax for both; global scores of a windowed block are a softmax of their own. Every
+    block runs (the merged tokens are the last block's),
     so there is no depth cut. The grid's constants are buffers: a dtype cast of the tower casts Qwen3's
     interpolation weights too (transformers keeps them float32; a half-precision tower differs by rounding).
     """
@@ -341,20 +364,25 @@ class QwenVisionTower(nn.Module):
         return hidden
 
     def attention(
-        self, attn: Any, hidden: Tensor, rotary: tuple[Tensor, Tensor], groups: AttentionGroups
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """One block's attention on (B, T, D) -> its output (B, T, D) and the rotated q, k (B, H, T, d)."""
+        self, attn: Any, hidden: Tensor, rotary: tuple[Tensor, Tensor], groups: AttentionGroups, tapped: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """One block's attention on (B, T, D) -> its output (B, T, D) and, when `tapped`, its (B, N) HiPrune-Qwen
+        scores in raster merged order (from the block's own softmax when the scored softmax is the block's)."""
         batch, tokens, _ = hidden.shape
         query, key, value = attn.qkv(hidden).reshape(batch, tokens, 3, attn.num_heads, -1).unbind(2)
         query, key = apply_rotary_pos_emb_vision(query, key, *rotary)
-        out = groups(query, key, value, attn.scaling)
-        return attn.proj(out), query.transpose(1, 2), key.transpose(1, 2)
-
-    def score(self, query: Tensor, key: Tensor, scale: float, groups: AttentionGroups) -> Tensor:
-        """A tapped block's (B, N) HiPrune-Qwen scores, raster merged order."""
-        group_of = groups.group_of if self.scoring == "windowed" and groups.count > 1 else None
-        received = received_attention(query, key, scale, group_of, self.block_elements)
-        return merged_received(received, self.grid.unit, self.reverse_indices)
+        if not tapped:
+            return attn.proj(groups(query, key, value, attn.scaling)), None
+        windowed = self.scoring == "windowed" and groups.count > 1
+        group_of = groups.group_of if windowed else None
+        shared = groups.count == 1 or windowed  # the scored softmax is the block's own attention
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        heads_out, received = scored_attention(q, k, v if shared else None, attn.scaling, group_of, self.block_elements)
+        if heads_out is None:
+            out = groups(query, key, value, attn.scaling)
+        else:
+            out = heads_out.transpose(1, 2).reshape(batch, tokens, -1)
+        return attn.proj(out), merged_received(received, self.grid.unit, self.reverse_indices)
 
     def merge(self, merger: nn.Module, hidden: Tensor) -> Tensor:
         """(B, T, D) -> (B, N, D_out) merged tokens in raster order (a merger flattens rows of `unit` patches)."""
@@ -369,11 +397,12 @@ class QwenVisionTower(nn.Module):
         deepstack, received = [], {}
         for index, block in enumerate(visual.blocks):
             groups = cast(AttentionGroups, self.groups[index])
-            out, query, key = self.attention(block.attn, block.norm1(hidden), rotary, groups)
+            tapped = index + 1 in self.tapped_blocks
+            out, scores = self.attention(block.attn, block.norm1(hidden), rotary, groups, tapped)
             hidden = hidden + out
             hidden = hidden + block.mlp(block.norm2(hidden))
-            if index + 1 in self.tapped_blocks:
-                received[index + 1] = self.score(query, key, block.attn.scaling, groups)
+            if scores is not None:
+                received[index + 1] = scores
             if index in grid.deepstack_blocks:
                 deepstack.append(self.merge(visual.deepstack_merger_list[merger_of[index]], hidden))
         return QwenVisionOutput(self.merge(visual.merger, hidden), tuple(deepstack), received)
