@@ -113,12 +113,8 @@ def place_images(text: Tensor, image_embeds: Tensor, prompt: PromptImages) -> Te
 def key_mask(image_valid: Tensor, prompt: PromptImages) -> Tensor:
     """(B, L) int64 1/0: which prompt positions may be attended to: every text token, the image slots `image_valid`
     (B, N, every image's, in prompt order) marks."""
-    ones = image_valid.new_ones((image_valid.shape[0], prompt.length))
-    pieces, position, first = [], 0, 0
-    for start, count in zip(prompt.starts, prompt.tokens, strict=True):
-        pieces += [ones[:, position:start], image_valid[:, first : first + count]]
-        position, first = start + count, first + count
-    return torch.cat([*pieces, ones[:, position:]], dim=1)
+    text = image_valid.new_ones((image_valid.shape[0], prompt.length, 1))
+    return place_images(text, image_valid[..., None], prompt)[..., 0]
 
 
 def mrope_position_ids(image_positions: Tensor, layout: DecoderLayout) -> Tensor:
