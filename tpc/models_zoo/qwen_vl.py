@@ -17,13 +17,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import transformers
 from torch import Tensor, nn
-from transformers import (
-    PretrainedConfig,
-    PreTrainedModel,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen3VLForConditionalGeneration,
-)
+from transformers import PretrainedConfig, PreTrainedModel
 
 from tpc.errors import UsageError
 from tpc.models_zoo.base import VisionGeometry
@@ -93,13 +89,19 @@ class QwenVlAdapter(DecoderParts[PreTrainedModel]):
     family: ClassVar[str] = "qwen2_5_vl"
     kind: ClassVar[str] = "vlm"
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_5_vl",)
-    model_class: ClassVar[type[PreTrainedModel]] = Qwen2_5_VLForConditionalGeneration
+    model_class_name: ClassVar[str] = "Qwen2_5_VLForConditionalGeneration"
     windowed: ClassVar[bool] = True  # window attention outside fullatt_block_indexes
     # methods this family does not take yet, and why (a multi-image prompt, renumbered 3-D positions)
     refused_methods: ClassVar[dict[str, str]] = {
         "catp": "needs an n-shot multi-image prompt; Qwen exports take one image",
         "lvlm-csp": "re-admits tokens with states from before its first prune, not built for M-RoPE decoders",
     }
+
+    @property
+    def model_class(self) -> type[PreTrainedModel]:
+        """The transformers class, imported when first used (building the family table for another family's
+        command then does not import the Qwen modeling code)."""
+        return getattr(transformers, self.model_class_name)
 
     def load(self, path: Path) -> PreTrainedModel:
         """`from_pretrained` as for every family: safetensors only, no remote code, SDPA attention."""
@@ -244,7 +246,7 @@ class Qwen3VlAdapter(QwenVlAdapter):
 
     family: ClassVar[str] = "qwen3_vl"
     model_types: ClassVar[tuple[str, ...]] = ("qwen3_vl",)
-    model_class: ClassVar[type[PreTrainedModel]] = Qwen3VLForConditionalGeneration
+    model_class_name: ClassVar[str] = "Qwen3VLForConditionalGeneration"
     windowed: ClassVar[bool] = False
 
     def deepstack_levels(self, config: PretrainedConfig) -> int:
