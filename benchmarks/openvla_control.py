@@ -44,11 +44,10 @@ from machine import machine
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
-from shared import console_steps, reusable, timing_flag, wait_while_busy
+from shared import console_steps, export_verified, reusable, timing_flag, wait_while_busy
 
 from tpc.contract.names import PRUNED, STEP, WARMUP
 from tpc.errors import VerificationFailed
-from tpc.exporting import export
 from tpc.kinds.policy import VlaPlan, seeded_frames, seeded_prompt
 from tpc.pipeline import PruneRequest, plan
 from tpc.runtimes.policy import Policy
@@ -153,16 +152,7 @@ def export_all(
         start = time.perf_counter()
         verified, diagnosis = False, ""
         try:
-            result = export(
-                request(model, method, keep),
-                "onnx",
-                out,
-                force=True,
-                run_verify=True,
-                samples=1,
-                step=console_steps(console, name),
-            )
-            verified = bool(result.report and result.report.passed)
+            verified = export_verified(request(model, method, keep), out, 1, console_steps(console, name))
         except VerificationFailed as failure:
             diagnosis = f"verification failed: {failure.report.diagnosis}"
         except Exception as error:  # an export that fails is reported, the others still run

@@ -13,6 +13,8 @@ from pathlib import Path
 from rich.console import Console
 
 from tpc.contract.manifest import Manifest
+from tpc.exporting import export
+from tpc.pipeline import PruneRequest
 from tpc.progress import Step
 
 SIGNALS = Path("/tmp/tpc-bench")
@@ -31,6 +33,12 @@ def reusable(directory: Path, model: str, method: str, keep: int | None) -> Mani
     same = manifest.model["ref"] == model and manifest.method == method and (keep is None or manifest.keep == keep)
     passed = bool(manifest.verification and manifest.verification.get("passed"))
     return manifest if same and passed else None
+
+
+def export_verified(request: PruneRequest, out: Path, samples: int, step: Step) -> bool:
+    """Export `request` to ONNX over `out` and verify it in ONNX Runtime on `samples` seeds; True when it passed."""
+    result = export(request, "onnx", out, force=True, run_verify=True, samples=samples, step=step)
+    return bool(result.report and result.report.passed)
 
 
 def console_steps(console: Console, prefix: str) -> Step:

@@ -47,9 +47,8 @@ import onnxruntime
 from machine import machine
 from rich.console import Console
 from rich.progress import Progress
-from shared import console_steps, reusable, timing_flag, wait_while_busy
+from shared import console_steps, export_verified, reusable, timing_flag, wait_while_busy
 
-from tpc.exporting import export
 from tpc.pipeline import PruneRequest, plan
 from tpc.profiling import TimedExport
 
@@ -169,16 +168,7 @@ def export_one(model: str, method: str, keep: int | None, out: Path, force: bool
         console.print(f"{name}: reusing verified export {out}")
         return True
     start = time.perf_counter()
-    result = export(
-        request(model, method, keep),
-        "onnx",
-        out,
-        force=True,
-        run_verify=True,
-        samples=2,
-        step=console_steps(console, name),
-    )
-    verified = bool(result.report and result.report.passed)
+    verified = export_verified(request(model, method, keep), out, 2, console_steps(console, name))
     console.print(f"{name}: exported, verified {verified}, in {time.perf_counter() - start:.0f}s")
     return verified
 
