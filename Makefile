@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: install demo test lint bench-taps bench-llava bench-qwen bench-openvla bench-executorch bench-select clean
+.PHONY: install demo test lint bench bench-quick bench-taps bench-llava bench-qwen bench-openvla bench-executorch bench-select clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "==> creating $(VENV) and installing tpc with its runtimes (torch, ONNX Runtime, ExecuTorch, Core ML tools):"
@@ -34,6 +34,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check tpc tests benchmarks
 	$(BIN)/lint-imports
 	$(BIN)/mypy
+
+# the benchmark suite (benchmarks/suite.py): every bench model x method x keep through `tpc profile`, the targets
+# met or missed; results in benchmarks/results/suite_*. bench-quick: the tiny models, a few minutes, into /tmp
+bench: $(STAMP)
+	$(BIN)/python benchmarks/suite.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/suite.py --quick
 
 bench-taps: $(STAMP)
 	$(BIN)/python benchmarks/attention_tap.py

@@ -330,15 +330,15 @@ def main() -> None:
                 export_timing.run_round(record=round_number >= args.warmup)
             progress.advance(task)
         timing_s = time.perf_counter() - timing_start
-    base_first, base_parts = timed[0].timings()
+    base_first, base_parts = timed[0].summaries()
     unpruned, base = results[0], timed[0]
     for result, export_timing in zip(results, timed, strict=True):
-        first, parts = export_timing.timings()  # first token = per-round vision + prefill
-        result.first_token_ms, result.vision_ms = first.median_ms, parts["vision"].median_ms
-        result.prefill_ms, result.decode_ms = parts["prefill"].median_ms, parts["decode"].median_ms
-        result.first_token_speedup = base_first.median_ms / first.median_ms
-        result.prefill_speedup = base_parts["prefill"].median_ms / parts["prefill"].median_ms
-        result.decode_speedup = base_parts["decode"].median_ms / parts["decode"].median_ms
+        first, parts = export_timing.summaries()  # first token = per-round vision + prefill
+        result.first_token_ms, result.vision_ms = first.p50_ms, parts["vision"].p50_ms
+        result.prefill_ms, result.decode_ms = parts["prefill"].p50_ms, parts["decode"].p50_ms
+        result.first_token_speedup = base_first.p50_ms / first.p50_ms
+        result.prefill_speedup = base_parts["prefill"].p50_ms / parts["prefill"].p50_ms
+        result.decode_speedup = base_parts["decode"].p50_ms / parts["decode"].p50_ms
         result.ideal_first_token_speedup = unpruned.first_token_flops / result.first_token_flops
         result.ideal_prefill_speedup = unpruned.prefill_flops / result.prefill_flops
         result.ideal_decode_speedup = unpruned.decode_flops / result.decode_flops

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tpc.cli import main
+from tpc.profiling.report import validate
 
 
 def test_methods_and_zoo_list_the_registries(capsys: pytest.CaptureFixture[str]) -> None:
@@ -32,6 +33,7 @@ def test_inspect_reports_taps_prune_point_tokens_and_flops(tmp_path: Path, capsy
     assert plan["params"] == {"feature_layer": 23, "alpha": 0.1, "object_layer": 9, "deep_layer": 23}
     assert plan["layers_run"] == 23 and plan["tokens"] == {"before": 576, "after": 64}
     assert plan["flops"]["pruned_graph"] * 24 == plan["flops"]["encoder_full"] * 23
+    assert sum(stage["flops"] for stage in plan["stage_costs"]) == plan["flops"]["pruned_graph"]  # the same model
     assert all(t["block_bytes"] <= plan["output_attentions_bytes"] / 24 for t in plan["taps"])  # one map at most
 
 
@@ -56,7 +58,9 @@ def test_profile_side_by_side_with_baseline(exported: Callable[..., Path], tmp_p
         )
         == 0
     )
-    assert "speedup over baseline" in capsys.readouterr().out
+    assert "speedup per percentile" in capsys.readouterr().out
     report = json.loads(report_file.read_text())
-    assert report["timing"]["runs"] == 5 and report["baseline"]["runs"] == 5
-    assert report["speedup"] == pytest.approx(report["baseline"]["median_ms"] / report["timing"]["median_ms"])
+    validate(report)
+    assert report["export"]["timing"]["runs"] == 5 and report["baseline"]["timing"]["runs"] == 5
+    p50 = report["comparison"]["ratios"][0]
+    assert p50["ratio"] == pytest.approx(report["baseline"]["timing"]["p50_ms"] / report["export"]["timing"]["p50_ms"])

@@ -264,7 +264,7 @@ def test_unexpected_failures_are_one_line_exit_2_and_debug_shows_the_traceback(t
 def test_profile_bounds_and_baseline_of_another_model(exported, tmp_path: Path, capsys) -> None:
     clip, siglip = exported("zoo:tiny-clip", "uniform", 8), exported("zoo:tiny-siglip", "uniform", 8)
     code, err = run(capsys, ["profile", str(clip), "--runs", "0"])
-    assert code == 2 and "--runs must be in 1..100000" in err
+    assert code == 2 and "--runs must be 'auto' or in 1..100000" in err
     code, err = run(capsys, ["profile", str(clip), "--baseline", str(siglip), "--runs", "1", "--warmup", "0"])
     assert code == 2 and "has another model" in err and one_line(err)
     batch2 = exported("zoo:tiny-clip", "none", None, batch=2)

@@ -7,6 +7,7 @@ lowers each model's method variants and runs every one in the ExecuTorch runtime
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from tpc.cli import main
 from tpc.exporter.base import ExportPart
 from tpc.exporter.executorch import ExecuTorchTarget
 from tpc.pipeline import PruneRequest, as_arrays, build
+from tpc.profiling.report import validate
 from tpc.runtimes.base import Entry
 from tpc.runtimes.executorch import ExecuTorchRuntime
 from tpc.verification import TOLERANCES, eager_outputs
@@ -173,13 +175,18 @@ def test_profile_reads_an_etdump_into_a_per_operator_table(llava_pte: Path, tmp_
     report_path = tmp_path / "profile.json"
     assert main(["profile", str(llava_pte), "--etdump", str(etdump), "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
-    assert report["method"] == "vision" and report["runs"] == 1
-    got = {row["name"]: row["total_ms"] for row in report["operators"]}
+    validate(report)  # the schema of every profile: a phone's recording reads like a local run
+    side = report["export"]
+    assert side["headline"] == "method vision" and side["timing"]["runs"] == 1 and report["machine"]["cores"] is None
+    breakdown = side["operators"]["vision"]
+    assert breakdown["attribution"] == "component"
+    got = {row["name"]: row["ms"] for row in breakdown["top"]}
     assert got.keys() == expected.keys()
     for name, total in expected.items():
         assert got[name] == pytest.approx(total)
-    assert any(name.startswith("aten::topk") for name in got) and "XnnpackBackend island 0" in got
-    assert report["median_run_ms"] == pytest.approx(sum(expected.values()))
+    assert {row["stage"] for row in breakdown["top"] if row["name"].startswith("aten::topk")} == {"select"}
+    assert "XnnpackBackend island 0" in got
+    assert side["timing"]["p50_ms"] == pytest.approx(sum(expected.values()))
     assert "XnnpackBackend island 0" in capsys.readouterr().out
     (tmp_path / "junk.etdump").write_bytes(b"not an etdump")
     assert main(["profile", str(llava_pte), "--etdump", str(tmp_path / "junk.etdump")]) == 2
@@ -337,3 +344,33 @@ def test_a_missing_target_package_names_the_extra(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "executorch" else real(name))
     with pytest.raises(UsageError, match=r"pip install 'tpc\[executorch\]' -c constraints.txt"):
         get_target("executorch").check_installed()
+
+
+def profiled_against_a_twin(export: Path, tmp_path: Path, *extra: str) -> dict:
+    """`tpc profile` of an ExecuTorch export against a byte-identical copy of it: the full report, validated."""
+    twin = tmp_path / f"{export.name}-twin"
+    shutil.copytree(export, twin)
+    report_file, plot_file = tmp_path / f"{export.name}.json", tmp_path / f"{export.name}.png"
+    args = ["profile", str(export), "--baseline", str(twin), "--runs", "4", "--warmup", "1", *extra]
+    assert main([*args, "--json", str(report_file), "--plot", str(plot_file)]) == 0
+    report = json.loads(report_file.read_text())
+    validate(report)
+    assert report["export"]["runtime"] == "executorch" and plot_file.stat().st_size > 0
+    assert report["export"]["cold"]["load_ms"] > 0 and report["baseline"]["timing"]["runs"] == 4
+    return report
+
+
+def test_profile_executorch_exports_of_each_kind(llava_pte: Path, policy_pte: Path, tmp_path: Path) -> None:
+    clip = tmp_path / "clip"
+    assert main(["export", "zoo:tiny-clip", "--method", "hiprune", "--keep", "16", "--target", "executorch",
+                 "--output", str(clip), "--samples", "1", "--no-verify"]) == 0  # fmt: skip
+    encoder = profiled_against_a_twin(clip, tmp_path)
+    assert encoder["export"]["kind"] == "encoder" and encoder["export"]["headline"] == "model call"
+    vlm = profiled_against_a_twin(llava_pte, tmp_path, "--tokens", "3")
+    assert vlm["export"]["generation_tokens"] == 3 and set(vlm["comparison"]["components"]) == {
+        "vision",
+        "prefill",
+        "decode",
+    }
+    policy = profiled_against_a_twin(policy_pte, tmp_path, "--rate", "10")
+    assert policy["export"]["kind"] == "vla" and set(policy["export"]["deadlines"]) == {"step"}

@@ -265,6 +265,10 @@ def _other_type(value: object) -> object:
     return None
 
 
+# keys an export may lack (written before they were recorded): dropping one leaves a valid older manifest
+OPTIONAL_KEYS = {("runtime",), ("cost",)}
+
+
 def _mutate(data: dict, path: tuple, operation: str) -> bool:
     """Apply one mutation in place; False when it does not apply to this path."""
     *parents, last = path
@@ -273,7 +277,7 @@ def _mutate(data: dict, path: tuple, operation: str) -> bool:
         holder = holder[key]
     if operation == "retype":
         holder[last] = _other_type(holder[last])
-    elif operation == "drop" and isinstance(holder, dict):
+    elif operation == "drop" and isinstance(holder, dict) and path not in OPTIONAL_KEYS:
         del holder[last]
     elif operation == "rename" and isinstance(holder, dict):
         holder[f"{last}_renamed"] = holder.pop(last)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from tpc.methods import fastv, vla_pruner
 from tpc.models_zoo import resolve
 from tpc.passes.policy_stages import policy_stages
 from tpc.pipeline import Component, Pruned, PruneRequest, as_arrays, build
+from tpc.profiling.report import validate
 from tpc.runtimes.policy import Policy, actions_from_tokens
 from tpc.runtimes.staged import StagedStep
 from tpc.verification import eager_outputs
@@ -436,8 +438,20 @@ def test_cli_verify_profile_and_inspect_a_policy(vla_export: Path, tmp_path: Pat
     assert "PASS" in capsys.readouterr().out
     episode = json.loads(report_file.read_text())["episode"]
     assert episode["passed"] and episode["steps_agreeing"] == episode["total_steps"] == 8
-    assert main(["profile", str(vla_export), "--runs", "2", "--warmup", "0"]) == 0
-    assert "pruned" in capsys.readouterr().out
+    profile_file, plot_file, twin = tmp_path / "profile.json", tmp_path / "profile.png", tmp_path / "twin"
+    shutil.copytree(vla_export, twin)
+    args = ["profile", str(vla_export), "--runs", "6", "--warmup", "0", "--rate", "50", "--baseline", str(twin)]
+    assert main([*args, "--json", str(profile_file), "--plot", str(plot_file)]) == 0
+    assert plot_file.stat().st_size > 0
+    assert "control step (pruned)" in capsys.readouterr().out
+    profiled = json.loads(profile_file.read_text())
+    validate(profiled)
+    side = profiled["export"]
+    assert set(side["deadlines"]) == set(side["components"]) == {"warmup", "pruned"}
+    for graph, deadline in side["deadlines"].items():  # misses counted against the 20 ms period of 50 Hz
+        samples = side["component_samples_ms"][graph]
+        assert deadline["misses"] == sum(ms > 20.0 for ms in samples) and deadline["deadline_ms"] == 20.0
+        assert deadline["sustained_hz"] == pytest.approx(1e3 / side["components"][graph]["p99_ms"])
     plan_file = tmp_path / "plan.json"
     args = ["inspect", "zoo:tiny-openvla", "--method", "vla-pruner", "--keep", "64", "--json", str(plan_file)]
     assert main(args) == 0

@@ -20,6 +20,7 @@ from tpc.errors import UsageError
 from tpc.kinds.vlm import seeded_prompt
 from tpc.methods import divprune, fastv, hiprune
 from tpc.pipeline import PruneRequest, build
+from tpc.profiling.report import validate
 from tpc.runtimes import VLM
 from tpc.verification import generation_inputs, verify
 
@@ -343,9 +344,12 @@ def test_inspect_and_profile_a_vlm(exported: Callable[..., Path], tmp_path: Path
     directory = exported("zoo:tiny-llava", "hiprune", 64)
     baseline = exported("zoo:tiny-llava", "none", None)
     assert cli("profile", str(directory), "--runs", "3", "--warmup", "1", "--baseline", str(baseline),
-               "--json", str(report_file)) == 0  # fmt: skip
+               "--json", str(report_file), "--plot", str(tmp_path / "profile.png")) == 0  # fmt: skip
+    assert (tmp_path / "profile.png").stat().st_size > 0
     report = json.loads(report_file.read_text())
-    assert set(report["components"]) == {"vision", "prefill", "decode"} and report["speedup"] > 0
+    validate(report)
+    assert set(report["export"]["components"]) == {"vision", "prefill", "decode"}
+    assert report["comparison"]["ratios"][0]["ratio"] > 0 and report["export"]["generation"]["runs"] == 3
 
 
 @pytest.mark.parametrize(("method", "batch", "dtype"), [("fastv", 2, "fp32"), ("hiprune", 1, "fp16")])

@@ -134,20 +134,21 @@ def _write_json(path: Path | None, data: dict[str, Any]) -> None:
         path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def check_json_path(path: Path | None, *exports: Path) -> None:
-    """`--json FILE` must be writable, and not inside an export (it would change a hashed file), before any work."""
+def check_json_path(path: Path | None, *exports: Path, flag: str = "--json") -> None:
+    """`--json FILE` (or another report file, named by `flag`) must be writable, and not inside an export (it would
+    change a hashed file), before any work."""
     if path is None:
         return
     target = Path(os.path.abspath(path))
     if target.is_dir():
-        raise UsageError(f"--json '{path}' is a directory; pass a file name")
+        raise UsageError(f"{flag} '{path}' is a directory; pass a file name")
     for export_dir in exports:
         if Path(os.path.abspath(export_dir)) in target.parents:
-            raise UsageError(f"--json '{path}' is inside the export '{export_dir}'; write the report outside it")
+            raise UsageError(f"{flag} '{path}' is inside the export '{export_dir}'; write the report outside it")
     if not target.parent.is_dir():
-        raise UsageError(f"--json '{path}': directory '{target.parent}' does not exist; create it first")
+        raise UsageError(f"{flag} '{path}': directory '{target.parent}' does not exist; create it first")
     if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise UsageError(f"--json '{path}' is not writable; choose another path")
+        raise UsageError(f"{flag} '{path}' is not writable; choose another path")
 
 
 def _render_verify(report: Any) -> None:
@@ -445,14 +446,35 @@ def verify(
 @app.command()
 def profile(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="a directory written by `tpc export`")],
-    runs: Annotated[int, typer.Option(metavar="N", help="timed runs (1..100000)")] = 50,
-    warmup: Annotated[int, typer.Option(metavar="N", help="untimed runs first (0..10000)")] = 5,
+    runs: Annotated[
+        str, typer.Option(metavar="N|auto", help="timed rounds (1..100000), or 'auto': until --precision is reached")
+    ] = "50",
+    warmup: Annotated[int, typer.Option(metavar="N", help="untimed rounds first (0..10000)")] = 5,
     baseline: Annotated[
         Path | None,
-        typer.Option(metavar="DIR", help="an export of the same model and inputs, timed alternately with this one"),
+        typer.Option(metavar="DIR", help="an export of the same model and inputs, timed interleaved with this one"),
     ] = None,
+    precision: Annotated[
+        float, typer.Option(metavar="REL", help="relative error asked for (--runs auto; the noise warnings)")
+    ] = 0.05,
+    confidence: Annotated[float, typer.Option(metavar="P", help="confidence of the speedup's interval")] = 0.95,
+    max_seconds: Annotated[float, typer.Option(metavar="S", help="--runs auto: stop after this long")] = 300.0,
+    rate: Annotated[
+        float | None, typer.Option(metavar="HZ", help="a policy's control rate: deadline misses per graph")
+    ] = None,
+    tokens: Annotated[
+        int | None, typer.Option(metavar="N", help="a VLM: tokens of the timed whole generation (default up to 16)")
+    ] = None,
+    cold: Annotated[bool, typer.Option(help="measure cold start and peak memory in a fresh process")] = True,
+    operators: Annotated[bool, typer.Option(help="the runtime's per-operator profile, grouped by stage")] = True,
+    cold_processes: Annotated[
+        int, typer.Option(metavar="N", help="fresh processes for cold start and peak memory (their medians)")
+    ] = 1,
     json_path: Annotated[
-        Path | None, typer.Option("--json", metavar="FILE", help="also write the report as JSON")
+        Path | None, typer.Option("--json", metavar="FILE", help="also write the report as JSON (docs/profile.md)")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(metavar="FILE.png", help="draw the latency distributions (needs matplotlib)")
     ] = None,
     etdump: Annotated[
         Path | None,
@@ -464,47 +486,39 @@ def profile(
     ] = None,
     tick_ns: Annotated[float, typer.Option(metavar="NS", help="--etdump: nanoseconds per ETDump tick")] = 1.0,
 ) -> None:
-    """Latency of an export in its runtime (median, p90), and the speedup over a baseline export."""
+    """Latency of an export in its runtime: cold start, p50/p90/p99, per stage, and the speedup over a baseline."""
 
     check_json_path(json_path, directory)
+    check_json_path(plot, directory, flag="--plot")
+    profiling = flow("profile")
     if etdump is not None:
-        _render_etdump(directory, etdump, method, tick_ns, json_path)
+        report = profiling.etdump_profile(directory, etdump, method, tick_ns, precision)
+        profiling.render(report, out)
+        _write_json(json_path, report.to_dict())
+        if plot is not None:
+            profiling.plot(report, plot)
         return
-
-    report = flow("profile").profile(directory, runs, warmup, baseline)
-    table = Table(title=f"profile: {report.runtime} on {report.machine}")
-    for column in ("export", "graph", "median ms", "p90 ms", "min ms", "runs"):
-        table.add_column(column)
-    headlines = {"prefill": "vision + prefill (first token)", "pruned": "control step (pruned)", "step": "control step"}
-    headline = next((label for part, label in headlines.items() if part in report.components), "model")
-    rows = [(report.directory, headline, report.timing)]
-    if len(report.components) > 1:
-        rows += [(report.directory, name, t) for name, t in report.components.items()]
-    if report.baseline is not None:
-        rows.append((f"{report.baseline_directory} (baseline)", headline, report.baseline))
-        if len(report.baseline_components or {}) > 1:
-            base = f"{report.baseline_directory} (baseline)"
-            rows += [(base, name, t) for name, t in (report.baseline_components or {}).items()]
-    for directory, graph, t in rows:
-        table.add_row(str(directory), graph, f"{t.median_ms:.3f}", f"{t.p90_ms:.3f}", f"{t.min_ms:.3f}", str(t.runs))
-    out.print(table)
-    if report.speedup is not None:
-        out.print(f"speedup over baseline: {report.speedup:.2f}x (median, measured side by side)")
+    if runs.strip().lower() == "auto":
+        count = None
+    elif runs.strip().isdigit():
+        count = int(runs)
+    else:
+        raise UsageError(f"--runs takes a number of rounds or 'auto', got '{runs}'")
+    options = profiling.ProfileOptions(
+        precision=precision,
+        confidence=confidence,
+        max_seconds=max_seconds,
+        rate_hz=rate,
+        tokens=tokens,
+        cold=cold,
+        operators=operators,
+        cold_processes=cold_processes,
+    )
+    report = profiling.profile(directory, count, warmup, baseline, options, step=rich_steps(err))
+    profiling.render(report, out)
     _write_json(json_path, report.to_dict())
-
-
-def _render_etdump(directory: Path, etdump: Path, method: str | None, tick_ns: float, json_path: Path | None) -> None:
-
-    report = flow("etdump").etdump_report(directory, etdump, method, tick_ns)
-    runs = f", {report.runs} runs, median {report.median_run_ms:.3f} ms" if report.median_run_ms is not None else ""
-    table = Table(title=f"ETDump {report.etdump}: method {report.method}{runs}")
-    for column in ("operator", "kind", "calls", "total ms", "median ms", "share"):
-        table.add_column(column)
-    for row in report.operators:
-        share = f"{row.share:.1%}" if row.kind != "other" else ""
-        table.add_row(row.name, row.kind, str(row.calls), f"{row.total_ms:.3f}", f"{row.median_ms:.4f}", share)
-    out.print(table)
-    _write_json(json_path, report.to_dict())
+    if plot is not None:
+        profiling.plot(report, plot)
 
 
 @app.command()

@@ -132,6 +132,7 @@ def _manifest(job: _Job, components: list[ComponentSpec], versions: dict[str, st
         },
         **kind.manifest_sections(plan),
         runtime=runtime.name,
+        cost=kind.stage_costs(plan),  # for `tpc profile`'s ideal speedups, which may run without torch
         versions={
             "tpc": version("tpc"),
             "python": platform.python_version(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tpc.contract.cost import StageCost, costs_to_dicts
 from tpc.contract.manifest import Manifest, changed_files
 from tpc.kinds.base import check_common
 from tpc.models_zoo import resolve
@@ -27,7 +28,20 @@ def describe_and_render(request: PruneRequest) -> tuple[dict[str, Any], list[str
     source = resolve(request.model)
     kind = kind_for(source)
     plan = kind.describe(request, source)
-    return plan, kind.render(plan)
+    costs = kind.stage_costs(kind.plan(request, source))
+    plan["stage_costs"] = costs_to_dicts(costs)
+    return plan, [*kind.render(plan), *cost_lines(costs)]
+
+
+def cost_lines(costs: list[StageCost]) -> list[str]:
+    """The cost model per graph and stage, one line per graph: what `tpc profile` divides measured times by."""
+    lines = ["cost per call (GFLOPs / MB moved), by graph and stage (recorded in tpc.json as `cost`):"]
+    for component in dict.fromkeys(c.component for c in costs):
+        stages = ", ".join(
+            f"{c.stage} {c.flops / 1e9:.3f} / {c.bytes / 1e6:.1f}" for c in costs if c.component == component
+        )
+        lines.append(f"  {component}: {stages}")
+    return lines
 
 
 def describe_export(directory: Path) -> dict[str, Any]:

@@ -11,7 +11,9 @@ Nothing forged. `files` records the sha256 of every file of the export (all but 
 time tpc.json is written, so after the last write they are the hashes of the final files. Every path the
 manifest names resolves inside the export directory (`inside`: no `..`, no absolute path, no symlink out).
 `Manifest.read` validates tpc.json against `SCHEMA` (JSON Schema): unknown or missing keys, wrong types, NaN or
-infinity, another `format_version` are one `UsageError` line. Format 3 added `files` and the strict schema.
+infinity, another `format_version` are one `UsageError` line. Format 3 added `files` and the strict schema; `cost`
+(FLOPs and bytes per stage of each component, tpc.contract.cost) is optional within it, absent from exports written
+before it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from tpc.contract.names import MANIFEST_FILE
+from tpc.contract.cost import StageCost, costs_from_dicts
+from tpc.contract.names import MANIFEST_FILE, STAGES
 from tpc.contract.protocols import GenerationProtocol, PolicyProtocol
 from tpc.errors import UsageError
 
@@ -98,6 +101,9 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 of every file but tpc.json
+    # FLOPs and bytes per stage of one call of each component (tpc.contract.cost); None: written before it was
+    # recorded, for which `tpc profile` says the ideal speedups are unavailable
+    cost: list[StageCost] | None = None
 
     def component(self, name: str) -> ComponentSpec:
         return next(c for c in self.components if c.name == name)
@@ -145,6 +151,8 @@ class Manifest:
             data["generation"] = GenerationProtocol.from_dict(data["generation"])
         if data["policy"] is not None:
             data["policy"] = PolicyProtocol.from_dict(data["policy"])
+        if data.get("cost") is not None:
+            data["cost"] = costs_from_dicts(data["cost"])
         manifest = cls(**data)
         for spec in manifest.methods:  # only a multi-method artifact (ExecuTorch's .pte) names its entry point
             if (spec.method is None) == (manifest.target in MULTI_METHOD_TARGETS):
@@ -314,6 +322,9 @@ _COMPONENT = _record(
         "stages": {"type": "array", "items": {"$ref": "#/$defs/component"}},
     }
 )
+_COST = _record(
+    {"component": _NAME, "stage": {"enum": list(STAGES)}, "flops": _COUNT, "bytes": _COUNT, "floor_flops": _COUNT}
+)
 _PROMPT = {
     "text_tokens": _COUNT,
     "image_start": _COUNT,
@@ -410,8 +421,11 @@ SCHEMA: dict[str, Any] = {
                 "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
                 "minProperties": 1,
             },
+            "cost": _nullable({"type": "array", "items": _COST}),
         },
-        optional=("runtime",),  # recorded since the architecture change; older exports run by their target's
+        # runtime: recorded since the architecture change, older exports run by their target's; cost: since the
+        # per-stage cost model, older exports have no ideal speedups
+        optional=("runtime", "cost"),
     ),
 }
 

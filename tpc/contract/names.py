@@ -62,3 +62,18 @@ class Session(Protocol):
     """Something that runs one component: a runtime's loaded graph, or a staged step driving two of them."""
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+# tpc's stages, the unit `tpc profile` reports time and `cost` (tpc.json) reports FLOPs and bytes in: a runtime's
+# per-operator profile is grouped into them, and a stage's measured FLOP rate in the unpruned export is what the
+# calibrated ideal speedup divides the pruned export's FLOPs by. `prefill_before` / `prefill_after`: the decoder
+# layers before / after the prune point (a vision-side method prunes before layer 0: all its layers are `after`)
+TOWER, TAPS, SELECT, PROJECTOR, EMBED = "tower", "taps", "select", "projector", "embed"
+PREFILL_BEFORE, PREFILL_AFTER, LM_HEAD, DECODE_STEP, OTHER = (
+    "prefill_before",
+    "prefill_after",
+    "lm_head",
+    "decode",
+    "other",
+)
+STAGES = (TOWER, TAPS, SELECT, PROJECTOR, EMBED, PREFILL_BEFORE, PREFILL_AFTER, LM_HEAD, DECODE_STEP, OTHER)

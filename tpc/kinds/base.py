@@ -22,16 +22,30 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from tpc.contract.cost import StageCost
 from tpc.contract.manifest import Manifest, TensorSpec
-from tpc.contract.names import SINGLE, Session
+from tpc.contract.names import (
+    DECODE_STEP,
+    EMBED,
+    LM_HEAD,
+    PREFILL_AFTER,
+    PREFILL_BEFORE,
+    SELECT,
+    SINGLE,
+    TAPS,
+    TOWER,
+    Session,
+)
 from tpc.contract.report import ShippedCheck, Tolerance, VerifyReport
 from tpc.errors import UsageError
 from tpc.exporter.base import ExportPart
 from tpc.kinds.registry import KINDS, accepts_method, record_of
 from tpc.methods import REGISTRY, Method
 from tpc.models_zoo import Adapter, ModelSource, PromptLayout
+from tpc.models_zoo.base import VisionGeometry
 from tpc.models_zoo.llava import DecoderGeometry
 from tpc.models_zoo.validate import expected_shapes
+from tpc.passes.decoder import DecoderLayout
 from tpc.passes.policy_stages import StagePart
 from tpc.progress import Step
 
@@ -276,6 +290,128 @@ class DecoderPlan:
         return 2 * decoder.num_layers * decoder.num_kv_heads * decoder.head_dim * positions * batch * 4 * 4
 
 
+# --- the cost model (tpc.contract.cost) --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CostScale:
+    """What scales a stage's cost from one sample's FLOPs: the export's batch, and its dtype's bytes per value."""
+
+    batch: int = 1
+    itemsize: int = 4
+
+    @classmethod
+    def of(cls, request: PruneRequest) -> CostScale:
+        return cls(request.batch, DTYPES[request.dtype].itemsize)
+
+    def cost(self, component: str, stage: str, flops: int, weights: int, values: int, floor: int = 0) -> StageCost:
+        """A stage of one sample's `flops` (`floor`: of which no pruning removes) reading `weights` parameters once
+        per call and moving `values` activations (or cache entries) per sample."""
+        return StageCost(
+            component, stage, flops * self.batch, (weights + values * self.batch) * self.itemsize, floor * self.batch
+        )
+
+
+def merged(costs: list[StageCost]) -> list[StageCost]:
+    """One entry per (component, stage), summed, in first-seen order (a policy step runs its LM head per token)."""
+    totals: dict[tuple[str, str], StageCost] = {}
+    for c in costs:
+        key = (c.component, c.stage)
+        seen = totals.get(key)
+        totals[key] = (
+            c
+            if seen is None
+            else StageCost(
+                c.component, c.stage, seen.flops + c.flops, seen.bytes + c.bytes, seen.floor_flops + c.floor_flops
+            )
+        )
+    return list(totals.values())
+
+
+def vit_weights(hidden: int, intermediate: int) -> int:
+    """Parameters of one pre-LN ViT layer's projections and MLP (what `VisionGeometry.layer_flops` multiplies)."""
+    return 4 * hidden * hidden + 2 * hidden * intermediate
+
+
+def tower_costs(
+    component: str, geometry: VisionGeometry, depth: int, tapped: int, kept: int | None, scale: CostScale
+) -> list[StageCost]:
+    """A ViT tower run to layer `depth` on every patch (never pruned: its floor is all of it), its `tapped` taps
+    (each reads the tapped layer's Q and K rows) and, when it hands on `kept` tokens, the select copying them."""
+    seq, d = geometry.sequence_length, geometry.hidden_size
+    flops = depth * geometry.layer_flops(seq)
+    costs = [
+        scale.cost(component, TOWER, flops, depth * vit_weights(d, geometry.intermediate_size), 2 * seq * d, flops)
+    ]
+    if tapped:
+        costs.append(scale.cost(component, TAPS, 0, 0, tapped * 2 * seq * d))
+    if kept is not None:
+        costs.append(scale.cost(component, SELECT, 0, 0, 2 * kept * d))
+    return costs
+
+
+def schedule_costs(
+    component: str, layout: DecoderLayout, decoder: DecoderGeometry, scale: CostScale
+) -> list[StageCost]:
+    """What a decoder's token schedule adds to its prefill: the taps its prunes read (each the tapped layer's Q and
+    K rows) and the selects (each copies the kept tokens' hidden states)."""
+    schedule, lengths, d = layout.schedule, layout.kept_lengths, decoder.hidden_size
+    q = decoder.num_heads * decoder.head_dim + decoder.num_kv_heads * decoder.head_dim
+    costs = []
+    if schedule.tapped_layers():
+        costs.append(scale.cost(component, TAPS, 0, 0, sum(lengths[layer] * q for layer in schedule.tapped_layers())))
+    if schedule.prunes:
+        costs.append(scale.cost(component, SELECT, 0, 0, sum(2 * p.keep * d for p in schedule.prunes)))
+    return costs
+
+
+def prune_layer(layout: DecoderLayout) -> int:
+    """The decoder layer where the image tokens first change (a vision-side method, or none: before layer 0)."""
+    transitions = layout.schedule.transitions
+    return transitions[0].layer if transitions else 0
+
+
+def prefill_costs(component: str, layout: DecoderLayout, decoder: DecoderGeometry, scale: CostScale) -> list[StageCost]:
+    """A prefill: the text tokens' embedding, its schedule's taps and selects, the layers before and after the
+    prune point, each at its own length (causal: on average half of it as context) writing its K/V cache, and the
+    LM head on the last position. The floor: the same layers on the text tokens alone."""
+    lengths, text, d = layout.kept_lengths, layout.text_tokens, decoder.hidden_size
+    weights, kv = decoder.layer_flops(1, 0) // 2, 2 * decoder.num_kv_heads * decoder.head_dim
+    split = prune_layer(layout)
+    costs = [scale.cost(component, EMBED, 0, 0, 2 * text * d), *schedule_costs(component, layout, decoder, scale)]
+    for stage, layers in ((PREFILL_BEFORE, lengths[:split]), (PREFILL_AFTER, lengths[split:])):
+        if layers:
+            flops = sum(decoder.layer_flops(n, (n + 1) // 2) for n in layers)
+            floor = len(layers) * decoder.layer_flops(text, (text + 1) // 2)
+            values = sum(n * kv for n in layers) + (layers[0] + layers[-1]) * d
+            costs.append(scale.cost(component, stage, flops, len(layers) * weights, values, floor))
+    head = decoder.head_flops(1)
+    costs.append(scale.cost(component, LM_HEAD, head, head // 2, d + decoder.vocab_size, head))
+    return costs
+
+
+def decode_costs(
+    component: str, layout: DecoderLayout, decoder: DecoderGeometry, steps: int, scale: CostScale, static: bool
+) -> list[StageCost]:
+    """`steps` decode steps after the prefill, step s attending to each layer's prompt + s keys, each step's LM
+    head; a `static` cache (a VLM's decode graph) is read in full, a growing one (a policy's unrolled steps) up to
+    the step. The floor: the same steps over the text tokens' cache alone."""
+    lengths, text, d = layout.kept_lengths, layout.text_tokens, decoder.hidden_size
+    weights, kv = decoder.layer_flops(1, 0) // 2, 2 * decoder.num_kv_heads * decoder.head_dim
+    head = decoder.head_flops(1)
+    costs = []
+    for step in range(1, steps + 1):
+        read = layout.capacities if static else tuple(n + step - 1 for n in lengths)
+        flops = sum(decoder.layer_flops(1, n + step) for n in lengths)
+        floor = len(lengths) * decoder.layer_flops(1, text + step)
+        costs += [
+            scale.cost(component, EMBED, 0, 0, 2 * d),
+            scale.cost(component, DECODE_STEP, flops, len(lengths) * weights, sum(read) * kv + len(read) * kv, floor),
+            scale.cost(component, LM_HEAD, head, head // 2, d + decoder.vocab_size, head),
+        ]
+    return merged(costs)
+
+
 def seeded_pixels(source: ModelSource, request: PruneRequest, seed: int) -> Tensor:
     """Standard-normal pixels (as after CLIP normalisation) of the export's static shape."""
     geometry = source.geometry
@@ -345,6 +481,11 @@ class Kind(ABC, Generic[PlanT]):
     @abstractmethod
     def render(self, plan: dict[str, Any]) -> list[str]:
         """That plan as the lines `tpc inspect` prints."""
+
+    @abstractmethod
+    def stage_costs(self, plan: PlanT) -> list[StageCost]:
+        """FLOPs and bytes of one call of each component, per stage (tpc.json's `cost`, recorded at export for
+        `tpc profile`, which may run without torch); the FLOPs sum to what `describe` reports."""
 
     def manifest_sections(self, plan: PlanT) -> dict[str, Any]:
         """The kind's own tpc.json sections by name (`generation` for a VLM, `policy` for a policy)."""

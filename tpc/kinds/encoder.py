@@ -12,12 +12,14 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from tpc.contract.cost import StageCost, total_flops
 from tpc.contract.manifest import Manifest, TensorSpec
 from tpc.contract.names import PIXEL_VALUES, SINGLE
 from tpc.errors import UsageError
 from tpc.kinds.base import (
     DTYPES,
     Component,
+    CostScale,
     Kind,
     Pruned,
     PruneRequest,
@@ -28,6 +30,7 @@ from tpc.kinds.base import (
     resolve_keep,
     seeded_pixels,
     split_params,
+    tower_costs,
 )
 from tpc.kinds.tower import render_tower, tower_description
 from tpc.methods import VisionMethod, get_method
@@ -78,6 +81,16 @@ class EncoderPlan:
         """Encoder layers the pruned graph runs."""
         return self.cut.depth
 
+    def stage_costs(self, scale: CostScale) -> list[StageCost]:
+        """The graph's one call: the tower to its depth, its taps, and the select when the method prunes."""
+        kept = self.keep if self.method.prunes else None
+        return tower_costs(SINGLE, self.source.geometry, self.depth, len(self.tapped_layers), kept, scale)
+
+    def full_encoder_flops(self) -> int:
+        """Every layer of the encoder on every token: what the exported graph is measured against."""
+        geometry = self.source.geometry
+        return total_flops(tower_costs(SINGLE, geometry, geometry.num_layers, 0, None, CostScale()))
+
 
 def plan_encoder(request: PruneRequest, source: ModelSource) -> EncoderPlan:
     if request.prompt_len is not None or request.max_new_tokens is not None:
@@ -118,6 +131,9 @@ class EncoderKind(Kind[EncoderPlan]):
     def build(self, plan: EncoderPlan) -> Pruned:
         return build_encoder(plan)
 
+    def stage_costs(self, plan: EncoderPlan) -> list[StageCost]:
+        return plan.stage_costs(CostScale.of(plan.request))
+
     def tokens_before(self, plan: EncoderPlan) -> int:
         return plan.source.geometry.num_patches
 
@@ -138,7 +154,7 @@ class EncoderKind(Kind[EncoderPlan]):
         if request.keep is None:
             request = replace(request, keep=max(1, source.geometry.num_patches // 4))
         the_plan = plan_encoder(request, source)
-        geometry, seq = source.geometry, source.geometry.sequence_length
+        geometry = source.geometry
         point = f"after encoder layer {the_plan.feature_layer} (the feature layer), before the projector"
         if not the_plan.method.prunes:
             point = f"none: unpruned baseline (every patch token of encoder layer {the_plan.feature_layer} is kept)"
@@ -147,8 +163,8 @@ class EncoderKind(Kind[EncoderPlan]):
             "prune_point": point,
             "tokens": {"before": geometry.num_patches, "after": the_plan.keep},
             "flops": {
-                "encoder_full": geometry.num_layers * geometry.layer_flops(seq),
-                "pruned_graph": the_plan.cut.depth * geometry.layer_flops(seq),
+                "encoder_full": the_plan.full_encoder_flops(),
+                "pruned_graph": total_flops(the_plan.stage_costs(CostScale())),
             },
             "downstream_token_ratio": the_plan.keep / geometry.num_patches,
         }

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tpc.contract.cost import StageCost, total_flops
 from tpc.contract.manifest import EPISODE_FILE, SAMPLES_DIR, Manifest, TensorSpec, write_npz
-from tpc.contract.names import HISTORY_INPUT, HISTORY_OUTPUT, PRUNED, STEP, WARMUP
+from tpc.contract.names import HISTORY_INPUT, HISTORY_OUTPUT, PROJECTOR, PRUNED, STEP, TAPS, TOWER, WARMUP
 from tpc.contract.protocols import (
     DecoderLengths,
     HistoryLength,
@@ -35,6 +36,7 @@ from tpc.exporter.base import ExportPart
 from tpc.kinds.base import (
     DTYPES,
     Component,
+    CostScale,
     DecoderPlan,
     Kind,
     Pruned,
@@ -44,8 +46,12 @@ from tpc.kinds.base import (
     check_budget,
     check_method_layers,
     check_positions,
+    decode_costs,
     eager_outputs,
+    merged,
+    prefill_costs,
     resolve_keep,
+    vit_weights,
 )
 from tpc.kinds.checks import first_difference
 from tpc.kinds.vlm import render_ranges, schedule_point, schedule_taps
@@ -117,15 +123,45 @@ class VlaPlan(DecoderPlan):
         return self.layout().schedule.kept_widths
 
     def flops(self, pruned: bool = True) -> dict[str, int]:
-        """2x multiply-adds of one control step, pruned by the method's schedule or not."""
-        geometry, decoder = self.geometry, self.decoder
+        """2x multiply-adds of one control step, pruned by the method's schedule or not (from `step_costs`)."""
+        towers, prefill, decode = self.step_parts(pruned, CostScale())
+        flops = {stage: sum(c.flops for c in towers if c.stage == stage) for stage in (TOWER, PROJECTOR)}
+        parts = {"towers": flops[TOWER], "projector": flops[PROJECTOR]}
+        parts |= {"prefill": total_flops(prefill), "decode": total_flops(decode)}
+        return {**parts, "step": sum(parts.values())}
+
+    def step_parts(
+        self, pruned: bool, scale: CostScale, component: str = STEP
+    ) -> tuple[list[StageCost], list[StageCost], list[StageCost]]:
+        """One control step's costs in three parts: the towers and projector (every image token: the towers are
+        never pruned), the prefill (its taps, selects and first LM head), the unrolled decode of the other action
+        tokens."""
+        geometry, decoder, layout = self.geometry, self.decoder, self.layout(pruned)
         vision = sum(spec.hidden_size for spec in geometry.towers)
         d, n = decoder.hidden_size, geometry.image_tokens
-        projector = 2 * n * (vision * 4 * vision + 4 * vision * d + d * d)
-        prefill, decode = self.layout(pruned).flops(decoder, geometry.action_dim - 1)
+        tower_weights = sum(
+            (s.num_layers - 1) * vit_weights(s.hidden_size, s.intermediate_size) for s in geometry.towers
+        )
+        tower_values = sum(2 * (s.prefix_tokens + n) * s.hidden_size for s in geometry.towers)
         towers = geometry.tower_flops()
-        return {"towers": towers, "projector": projector, "prefill": prefill, "decode": decode,
-                "step": towers + projector + prefill + decode}  # fmt: skip
+        weights = vision * 4 * vision + 4 * vision * d + d * d
+        projector = 2 * n * weights
+        vision_side = [
+            scale.cost(component, TOWER, towers, tower_weights, tower_values, towers),
+            scale.cost(component, PROJECTOR, projector, weights, n * (vision + d), projector),
+        ]
+        prefill = prefill_costs(component, layout, decoder, scale)
+        if self.stateful:  # the history's tap: the action queries' rows of one layer's attention to the image
+            prefill.append(scale.cost(component, TAPS, 0, 0, 2 * geometry.action_dim * n * decoder.hidden_size))
+        decode = decode_costs(component, layout, decoder, geometry.action_dim - 1, scale, static=False)
+        return vision_side, prefill, decode
+
+    def stage_costs(self, scale: CostScale) -> list[StageCost]:
+        """One call of each step graph: `step`, or VLA-Pruner's `warmup` (nothing pruned) and `pruned`."""
+        costs = []
+        for name in self.component_names:
+            costs += merged([cost for part in self.step_parts(name != WARMUP, scale, name) for cost in part])
+        return costs
 
     def policy(self) -> PolicyProtocol:
         """What a runtime needs to drive the graphs and carry the state (written to tpc.json as `policy`)."""
@@ -437,6 +473,9 @@ class PolicyKind(Kind[VlaPlan]):
 
     def manifest_sections(self, plan: VlaPlan) -> dict[str, Any]:
         return {"policy": plan.policy()}
+
+    def stage_costs(self, plan: VlaPlan) -> list[StageCost]:
+        return plan.stage_costs(CostScale.of(plan.request))
 
     def tokens_before(self, plan: VlaPlan) -> int:
         return plan.prompt.image_tokens

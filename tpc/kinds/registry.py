@@ -21,20 +21,23 @@ class KindRecord:
     section: str | None  # the tpc.json section an export of this kind has (None: neither generation nor policy)
     # the components whose summed time is `tpc profile`'s headline, from an export's component names
     headline: Callable[[list[str]], tuple[str, ...]]
+    headline_label: str  # what that time is, as `tpc profile` names it
+    control_loop: bool = False  # its graphs run at a control rate: `tpc profile --rate` counts deadline misses
 
 
 KINDS: dict[str, KindRecord] = {
     record.name: record
     for record in (
         # vision-side methods: an encoder has no decoder to prune in
-        KindRecord("encoder", "tpc.kinds.encoder", lambda m: isinstance(m, VisionMethod), None, tuple),
+        KindRecord("encoder", "tpc.kinds.encoder", lambda m: isinstance(m, VisionMethod), None, tuple, "model call"),
         # vision-side methods, and decoder schedules that need no state from earlier control steps
         KindRecord(
             "vlm",
             "tpc.kinds.vlm",
             lambda m: isinstance(m, VisionMethod) or (isinstance(m, PrefillMethod) and not m.stateful),
             "generation",
-            lambda names: ("vision", "prefill"),  # the time to first token
+            lambda names: ("vision", "prefill"),
+            "time to first token (vision + prefill)",
         ),
         # decoder schedules (VLA-Pruner, FastV, LVLM_CSP; not CATP, which needs example images) and the unpruned
         # baseline: the towers are not pruned
@@ -45,6 +48,8 @@ KINDS: dict[str, KindRecord] = {
             "policy",
             # the steady-state control step: a stateful policy's pruned graph (its warm-up steps are `window`)
             lambda names: ("pruned",) if "pruned" in names else tuple(names),
+            "control step",
+            control_loop=True,
         ),
     )
 }

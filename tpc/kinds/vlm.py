@@ -20,15 +20,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tpc.contract.cost import StageCost, flops_by_component
 from tpc.contract.manifest import GENERATION_FILE, SAMPLES_DIR, Manifest, TensorSpec
 from tpc.contract.names import (
     CLS_ATTENTION,
+    DECODE,
     DEEPSTACK_EMBEDS,
     IMAGE_POSITIONS,
     IMAGE_VALID,
     INPUT_IDS,
     PIXEL_VALUES,
+    PREFILL,
+    PROJECTOR,
+    SELECT,
     STEP_INPUT,
+    TAPS,
+    TOWER,
     VISION,
 )
 from tpc.contract.protocols import CacheSpec, GenerationProtocol, PrefillSpec, PromptSpec
@@ -37,6 +44,7 @@ from tpc.errors import UsageError
 from tpc.kinds.base import (
     DTYPES,
     Component,
+    CostScale,
     DecoderPlan,
     Kind,
     Pruned,
@@ -47,10 +55,13 @@ from tpc.kinds.base import (
     check_budget,
     check_method_layers,
     check_positions,
+    decode_costs,
     eager_outputs,
+    prefill_costs,
     resolve_keep,
     seeded_pixels,
     split_params,
+    tower_costs,
 )
 from tpc.kinds.checks import array_problems, first_difference
 from tpc.kinds.tower import render_tower, tower_description
@@ -179,20 +190,61 @@ class VlmPlan(DecoderPlan):
         return (*guide, IMAGE_POSITIONS, *deepstack, *valid)
 
     def flops(self) -> dict[str, int]:
-        """2x multiply-adds of each stage for one image and prompt (what an ideal runtime's time is proportional to).
+        """2x multiply-adds of each stage for one image and prompt (what an ideal runtime's time is proportional to),
+        summed from the stage costs (`stage_costs`): tower (its taps and select included) and projector of every
+        image; prefill (its LM head included); decode: the first generated token."""
+        costs = self.stage_costs(CostScale())
+        images = self.prompt.images
+        projector = images * sum(c.flops for c in costs if c.component == VISION and c.stage == PROJECTOR)
+        per_component = flops_by_component(costs)
+        return {
+            "tower": images * per_component[VISION] - projector,
+            "projector": projector,
+            "prefill": per_component[PREFILL],
+            "decode_token": per_component[DECODE],
+        }
 
-        tower: the layers the vision graph runs; projector: on the tokens it receives; prefill: every layer at its
-        own length (causal: on average half the prompt as context); decode: the first generated token.
-        """
-        geometry, decoder, cache = self.source.geometry, self.decoder, self.cache
-        prefill, decode = cache.flops(decoder)
-        if self.qwen is not None:  # the merger runs on every merged token, before the selection
-            tower, projector = self.qwen.tower_flops(self.source.config), self.qwen.merger_flops(self.source.config)
-            return {"tower": tower, "projector": projector, "prefill": prefill, "decode_token": decode}
-        projector_in = geometry.hidden_size * len(llava_adapter(self.source).feature_layers(self.source.config))
-        projector = 2 * cache.image_tokens * (projector_in * decoder.hidden_size + decoder.hidden_size**2)
-        tower = self.prompt.images * self.cut.depth * geometry.layer_flops(geometry.sequence_length)
-        return {"tower": tower, "projector": projector, "prefill": prefill, "decode_token": decode}
+    def stage_costs(self, scale: CostScale) -> list[StageCost]:
+        """One call of each component: the vision graph (one image), the prefill, one decode step."""
+        cache, decoder = self.cache, self.decoder
+        return [
+            *self.vision_costs(scale),
+            *prefill_costs(PREFILL, cache, decoder, scale),
+            *decode_costs(DECODE, cache, decoder, 1, scale, static=True),
+        ]
+
+    def vision_costs(self, scale: CostScale) -> list[StageCost]:
+        """One image through the vision graph: a LLaVA tower cut at its feature layer, its taps, the select and the
+        projector on the tokens handed on; or a Qwen tower, its taps, the merger on every merged token, the select."""
+        kept = self.per_image if self.method.prunes and not self.prunes_in_prefill else None
+        config, decoder = self.source.config, self.decoder
+        if self.qwen is not None:
+            vision, patches, tokens = config.vision_config, self.source.geometry.num_patches, self.per_image
+            d, out, wide = vision.hidden_size, vision.out_hidden_size, vision.hidden_size * vision.spatial_merge_size**2
+            merged_tokens = self.qwen.grid(config).tokens
+            tower_weights = vision.depth * (4 * d * d + (3 if self.qwen.windowed else 2) * d * vision.intermediate_size)
+            tower, merger = self.qwen.tower_flops(config), self.qwen.merger_flops(config)
+            mergers = 1 + self.qwen.deepstack_levels(config)
+            costs = [scale.cost(VISION, TOWER, tower, tower_weights, 2 * patches * d, tower)]
+            if self.cut.tapped_layers:
+                costs.append(scale.cost(VISION, TAPS, 0, 0, len(self.cut.tapped_layers) * 2 * patches * d))
+            merger_weights = mergers * (wide * wide + wide * out)
+            costs.append(scale.cost(VISION, PROJECTOR, merger, merger_weights, merged_tokens * (wide + out), merger))
+            if kept is not None:
+                costs.append(scale.cost(VISION, SELECT, 0, 0, 2 * tokens * mergers * out))
+            return costs
+        geometry, cut = self.source.geometry, self.cut
+        assert isinstance(cut, VisionCut)
+        taps = len(cut.tapped_layers) + (cut.cls_layer is not None)
+        projector_in = geometry.hidden_size * len(llava_adapter(self.source).feature_layers(config))
+        dd, tokens = decoder.hidden_size, self.per_image
+        projector_weights = projector_in * dd + dd * dd
+        return [
+            *tower_costs(VISION, geometry, cut.depth, taps, kept, scale),
+            scale.cost(
+                VISION, PROJECTOR, 2 * tokens * projector_weights, projector_weights, tokens * (projector_in + dd)
+            ),
+        ]
 
     def generation(self) -> GenerationProtocol:
         """What a runtime needs to drive the components (written to tpc.json as `generation`)."""
@@ -669,6 +721,9 @@ class VlmKind(Kind[VlmPlan]):
 
     def manifest_sections(self, plan: VlmPlan) -> dict[str, Any]:
         return {"generation": plan.generation()}
+
+    def stage_costs(self, plan: VlmPlan) -> list[StageCost]:
+        return plan.stage_costs(CostScale.of(plan.request))
 
     def tokens_before(self, plan: VlmPlan) -> int:
         return plan.prompt.all_image_tokens

@@ -117,17 +117,6 @@ class DecoderLayout:
         layers = zip(self.schedule.tokens_per_layer(self.num_layers), self.kept_lengths, strict=True)
         return sum(decoder.layer_flops(images, (length + 1) // 2) for images, length in layers)
 
-    def flops(self, decoder: Any, decode_tokens: int = 1) -> tuple[int, int]:
-        """(prefill, decode) 2x multiply-adds: every layer at its own length (causal: on average half the prompt
-        as context), and `decode_tokens` decode steps after it (`decoder`: the family's DecoderGeometry)."""
-        lengths = self.kept_lengths
-        prefill = decoder.head_flops(1) + sum(decoder.layer_flops(n, (n + 1) // 2) for n in lengths)
-        decode = sum(
-            decoder.head_flops(1) + sum(decoder.layer_flops(1, n + step) for n in lengths)
-            for step in range(1, decode_tokens + 1)
-        )
-        return prefill, decode
-
 
 class RecordingCache:
     """The cache protocol transformers' attention calls (`update`): records each layer's keys and values; a later

@@ -34,7 +34,7 @@ from transformers.vision_utils import (
     get_vision_window_index,
 )
 
-from tpc.passes.attention_tap import DEFAULT_BLOCK_ELEMENTS
+from tpc.passes.attention_tap import DEFAULT_BLOCK_ELEMENTS, ones_row
 
 Scoring = Literal["global", "windowed"]
 SCORINGS: tuple[Scoring, ...] = ("global", "windowed")
@@ -269,9 +269,8 @@ def scored_attention(
             same = group_of[start : start + rows, None] == group_of[None, :]
             logits = logits.masked_fill(~same, float("-inf"))
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        # the row sum as a product with ones: a GEMV in every runtime (ONNX Runtime's ReduceSum over the middle
-        # axes of (B, H, rows, T) took 36 ms of a 200 ms tower at 448 px)
-        received = received + torch.matmul(probs.new_ones(probs.shape[2]), probs).sum(dim=1)
+        # the rows summed as a GEMV (`ones_row`), then the heads
+        received = received + torch.matmul(ones_row(probs), probs).sum(dim=(1, 2))
         if value is not None:
             outputs.append(torch.matmul(probs.to(value.dtype), value))
     return (torch.cat(outputs, dim=2) if value is not None else None), received / heads

@@ -7,6 +7,13 @@ table is built from the export's own `.pte`: instruction -> kernel (`aten::topk.
 
 Times: ETDump records the device's ticks; ExecuTorch's default platform layer ticks in nanoseconds, which
 is what this reader assumes (`--tick-ns` to override for a custom PAL).
+
+Stages: the rows group into tpc's stages by component only (`tpc.profiling.stages.etdump_breakdown`). An event's
+debug handle leads to the module it came from only through an ETRecord, which tpc does not write, and a delegate
+island mixes a tower's layers with its projector; what the method and the kernel name tell is all there is (a
+decode method's rows are its step; the select op's TopK kernels stay portable and are the select).
+
+No ETDump is recorded here: the pip runtime is built without the event tracer (`LOCAL_PROFILE_UNAVAILABLE`).
 """
 
 from __future__ import annotations
@@ -22,6 +29,11 @@ from tpc.contract.manifest import Manifest
 from tpc.errors import UsageError
 
 OPERATOR_CALL, DELEGATE_CALL, METHOD_EXECUTE = "OPERATOR_CALL", "DELEGATE_CALL", "Method::execute"
+# why a local `tpc profile` of an ExecuTorch export has no per-operator breakdown
+LOCAL_PROFILE_UNAVAILABLE = (
+    "the pip ExecuTorch runtime is built without the event tracer, so it records no ETDump; record one on the "
+    "device (executor_runner --etdump_path FILE) and read it with `tpc profile DIR --etdump FILE`"
+)
 
 
 @dataclass
@@ -42,6 +54,7 @@ class EtdumpReport:
     runs: int  # executions of the method recorded
     median_run_ms: float | None
     operators: list[OperatorTime]
+    run_ms: list[float]  # each recorded execution of the method, in order
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,4 +137,4 @@ def etdump_report(directory: Path, etdump: Path, method: str | None = None, tick
     ]
     operators.sort(key=lambda row: row.total_ms, reverse=True)
     median_run = float(np.median(runs)) if runs else None
-    return EtdumpReport(str(etdump), str(directory), method, len(runs), median_run, operators)
+    return EtdumpReport(str(etdump), str(directory), method, len(runs), median_run, operators, runs)
