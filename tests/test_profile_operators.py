@@ -216,12 +216,12 @@ def test_an_etdump_groups_by_component_only() -> None:
         OperatorTime("XnnpackBackend island 0", "delegate", 1, 8.0, 8.0, 0.8),
         OperatorTime("Fully Connected (NC, F32) GEMM", "other", 4, 6.0, 1.5, 0.6),  # inside the island
     ]
-    vision = etdump_breakdown(EtdumpReport("v.etdump", "dir", VISION, 2, 5.0, rows, [5.0, 5.0]))
+    vision = etdump_breakdown(EtdumpReport("v.etdump", "dir", VISION, rows, [5.0, 5.0]))
     assert {row.stage: row.ms for row in vision.stages} == {SELECT: 1.0, OTHER: 4.0}
     assert vision.attribution == "component" and vision.total_ms == pytest.approx(5.0)
-    decode = etdump_breakdown(EtdumpReport("d.etdump", "dir", DECODE, 1, 10.0, rows, [10.0]))
+    decode = etdump_breakdown(EtdumpReport("d.etdump", "dir", DECODE, rows, [10.0]))
     assert [(row.stage, row.share) for row in decode.stages] == [(DECODE_STEP, 1.0)]
-    staged = etdump_breakdown(EtdumpReport("s.etdump", "dir", "step_decode", 1, 10.0, rows, [10.0]))
+    staged = etdump_breakdown(EtdumpReport("s.etdump", "dir", "step_decode", rows, [10.0]))
     assert [row.stage for row in staged.stages] == [DECODE_STEP]
     assert operators_unavailable("executorch") == LOCAL_PROFILE_UNAVAILABLE and "ETDump" in LOCAL_PROFILE_UNAVAILABLE
     assert operators_unavailable("onnxruntime") is None and operators_unavailable("coreml")

@@ -126,14 +126,10 @@ class ProfileReport:
     created: str = ""
     format: str = REPORT_FORMAT
 
-    # the figures earlier versions reported, kept as names (the CLI's headline and the Python API's users read them)
     @property
     def timing(self) -> Summary:
+        """The export's headline distribution (`tpc.profile(...).timing`, as the Python API has always had it)."""
         return self.export.timing
-
-    @property
-    def speedup(self) -> float | None:
-        return self.comparison.ratios[0].ratio if self.comparison else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -482,5 +482,6 @@ def onnx_breakdown(
             f"the export has no component '{component}' (it has: {', '.join(c.name for c in manifest.components)})"
         )
     artifact = inside(Path(directory), spec.artifact, "artifact")
-    stages = operator_stages(graph_nodes(artifact), manifest, component, prune_layer)
-    return stage_breakdown(operator_profile(artifact, inputs, runs, warmup), stages, component, runs, top)
+    nodes = graph_nodes(artifact)  # read once: the stages and the profile's node mapping both need them
+    stages = operator_stages(nodes, manifest, component, prune_layer)
+    return stage_breakdown(operator_profile(artifact, inputs, runs, warmup, nodes), stages, component, runs, top)

@@ -8,6 +8,7 @@ sample of each, which is what the paired bootstrap of `tpc.profiling.stats` resa
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,8 +111,6 @@ def process_threads() -> int:
     tasks = Path("/proc/self/task")
     if tasks.is_dir():
         return len(list(tasks.iterdir()))
-    import threading
-
     return threading.active_count()
 
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import onnxruntime
 
 ONNX_MODEL = "ONNX model"
+CPU = ("CPUExecutionProvider",)
 
 
 def _producer_tensor(graph: onnx.GraphProto, name: str) -> str:
@@ -93,18 +94,12 @@ class OnnxRuntime(Runtime):
         import onnxruntime as ort
 
         path = artifact_path(artifact, ONNX_MODEL)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         feeds: dict[str, str] = {}
         model: str | bytes = str(path)
         if forced:
             forced_model, feeds = force_tensors(read_onnx(path), forced)
             model = forced_model.SerializeToString()
-        try:
-            session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        except Exception as err:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
-            raise invalid_artifact(path, ONNX_MODEL, err) from None
-        return cls(session, feeds)
+        return cls(open_session(path, model, ort.SessionOptions()), feeds)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {self.feeds.get(name, name): value for name, value in inputs.items()}
@@ -122,6 +117,20 @@ class OnnxRuntime(Runtime):
     ) -> tuple[TensorIO, TensorIO]:
         """The graph's declared inputs (less those with an initializer) and outputs: names, shapes, dtypes."""
         return onnx_io(path)
+
+
+def open_session(
+    path: Path, model: str | bytes, options: onnxruntime.SessionOptions, providers: Sequence[str] = CPU
+) -> onnxruntime.InferenceSession:
+    """A session on `model` (the file at `path`, or a changed copy's bytes), quiet; an artifact ONNX Runtime
+    refuses is one UsageError line naming `path`."""
+    import onnxruntime as ort
+
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model, options, providers=list(providers))
+    except Exception as err:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+        raise invalid_artifact(path, ONNX_MODEL, err) from None
 
 
 def onnx_io(path: Path) -> tuple[TensorIO, TensorIO]:
@@ -175,7 +184,8 @@ def operator_profile(
     inputs: dict[str, np.ndarray],
     runs: int,
     warmup: int,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
+    nodes: Sequence[GraphNode] | None = None,
+    providers: Sequence[str] = CPU,
 ) -> list[OperatorEvent]:
     """Per-node kernel times of `runs` calls of an ONNX file, after `warmup` untimed ones: one event per node that
     ran, its time summed over the timed runs (`calls` = runs x executions per run), slowest first.
@@ -184,7 +194,8 @@ def operator_profile(
     `OnnxRuntime.load` optimises it (its fused nodes are the ones timed; `origin` maps each back to the exported
     node whose scope it carries). The profiler's trace (chrome-trace JSON) goes to a temporary directory, deleted
     before returning; warm-up runs are told apart by the trace's per-run `model_run` spans, so the first
-    allocations and the thread pool's spin-up are not counted."""
+    allocations and the thread pool's spin-up are not counted. `nodes`: the file's `graph_nodes`, if the caller
+    read them already."""
     import onnxruntime as ort
 
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
@@ -192,16 +203,12 @@ def operator_profile(
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise UsageError(f"warm-up runs must be a whole number >= 0, got warmup={warmup!r}")
     path = artifact_path(artifact, ONNX_MODEL)
-    nodes = {node.name: node for node in graph_nodes(path)}
+    by_name = {node.name: node for node in (graph_nodes(path) if nodes is None else nodes)}
     with tempfile.TemporaryDirectory(prefix="tpc-ort-profile-") as scratch:
         options = ort.SessionOptions()
-        options.log_severity_level = 3
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(scratch) / "profile")
-        try:
-            session = ort.InferenceSession(str(path), options, providers=list(providers))
-        except Exception as err:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
-            raise invalid_artifact(path, ONNX_MODEL, err) from None
+        session = open_session(path, str(path), options, providers)
         wanted = [i.name for i in session.get_inputs()]
         missing, unknown = sorted(set(wanted) - set(inputs)), sorted(set(inputs) - set(wanted))
         if missing or unknown:
@@ -223,7 +230,7 @@ def operator_profile(
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UsageError(f"'{path.name}' did not run on the given inputs: {first}") from None
         trace = json.loads(Path(session.end_profiling()).read_text())
-    return kernel_events(trace, warmup, nodes)
+    return kernel_events(trace, warmup, by_name)
 
 
 def kernel_events(trace: list[dict[str, Any]], warmup: int, nodes: dict[str, GraphNode]) -> list[OperatorEvent]:

@@ -51,10 +51,12 @@ class EtdumpReport:
     etdump: str
     directory: str
     method: str
-    runs: int  # executions of the method recorded
-    median_run_ms: float | None
     operators: list[OperatorTime]
     run_ms: list[float]  # each recorded execution of the method, in order
+
+    @property
+    def runs(self) -> int:
+        return len(self.run_ms)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,5 +138,4 @@ def etdump_report(directory: Path, etdump: Path, method: str | None = None, tick
         for (name, kind), times in durations.items()
     ]
     operators.sort(key=lambda row: row.total_ms, reverse=True)
-    median_run = float(np.median(runs)) if runs else None
-    return EtdumpReport(str(etdump), str(directory), method, len(runs), median_run, operators, runs)
+    return EtdumpReport(str(etdump), str(directory), method, operators, runs)
