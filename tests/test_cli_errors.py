@@ -67,7 +67,8 @@ def test_bad_export_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_unknown_zoo_name_lists_the_zoo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _run(capsys, _export(tmp_path / "o", "--method", "hiprune", "--keep", "8", model="zoo:tiny-vit"))
-    listed = "clip-vit-l-336, llava-bench, openvla-bench, qwen25vl-bench, tiny-clip, tiny-llava, tiny-openvla, "
+    listed = "clip-vit-l-336, fmnist-llava, fmnist-vit, llava-bench, openvla-bench, qwen25vl-bench, tiny-clip, "
+    listed += "tiny-llava, tiny-openvla, "
     assert code == 2 and f"unknown zoo model 'tiny-vit'; valid: {listed}tiny-qwen25vl, tiny-qwen3vl, tiny-siglip" in err
 
 

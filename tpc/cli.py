@@ -521,6 +521,107 @@ def profile(
         profiling.plot(report, plot)
 
 
+def _parse_keeps(keep: int | None, keeps: str | None) -> tuple[int, ...]:
+    if (keep is None) == (keeps is None):
+        raise UsageError("give the budget as --keep K or a sweep as --keeps K1,K2,... (one of the two)")
+    if keep is not None:
+        return (keep,)
+    assert keeps is not None
+    try:
+        return tuple(int(part) for part in keeps.split(","))
+    except ValueError:
+        raise UsageError(f"--keeps takes comma-separated token counts like 98,49,24, got '{keeps}'") from None
+
+
+@app.command(name="eval")
+def evaluate(
+    model: Annotated[
+        str, typer.Argument(metavar="MODEL", help="zoo:NAME or a model directory: a classifier or a VLM naming classes")
+    ],
+    dataset: Annotated[
+        str, typer.Option(metavar="NAME|PATH", help="fashion-mnist, mnist-5k, a folder-per-class directory or an .npz")
+    ],
+    method: Annotated[str, typer.Option(metavar="METHOD", help="pruning method (see `tpc methods`)")],
+    keep: Annotated[int | None, typer.Option(metavar="K", help="visual tokens to keep")] = None,
+    keeps: Annotated[
+        str | None, typer.Option(metavar="K1,K2,...", help="a sweep of budgets: one row each, and the curve")
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option(metavar="TARGET", help="also export each budget and measure it in its runtime")
+    ] = None,
+    param: Annotated[
+        list[str] | None, typer.Option(metavar="NAME=VALUE", help="method/model parameter (repeatable)")
+    ] = None,
+    split: Annotated[str, typer.Option(metavar="SPLIT", help="train or test")] = "test",
+    batch_size: Annotated[
+        int, typer.Option(metavar="N", help="images per call (1..64; the exported graphs' static batch)")
+    ] = 32,
+    seeds: Annotated[int, typer.Option(metavar="N", help="seeds of the random baseline (mean ± std)")] = 3,
+    limit: Annotated[int | None, typer.Option(metavar="N", help="only the first N images of the split")] = None,
+    resize: Annotated[
+        bool, typer.Option(help="resize images to the model's size (bilinear) instead of refusing")
+    ] = False,
+    cache: Annotated[bool, typer.Option(help="reuse eager predictions cached per model and dataset")] = True,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", metavar="FILE", help="also write the report as JSON (docs/eval.md)")
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE.png", help="the retention curve (default with --keeps and --json: beside it)"),
+    ] = None,
+) -> None:
+    """Accuracy under pruning on labelled images: unpruned, pruned eager, pruned exported, random and uniform."""
+
+    budgets = _parse_keeps(keep, keeps)
+    check_json_path(json_path)
+    if plot is None and json_path is not None and len(budgets) > 1:
+        plot = json_path.with_suffix(".png")
+    check_json_path(plot, flag="--plot")
+    evaluation = flow("evaluate")
+    options = evaluation.EvalOptions(
+        model=model,
+        dataset=dataset,
+        method=method,
+        keeps=budgets,
+        target=target,
+        params=_parse_params(param or []),
+        split=split,
+        batch_size=batch_size,
+        seeds=seeds,
+        limit=limit,
+        resize=resize,
+        use_cache=cache,
+    )
+    report = evaluation.evaluate(options, console=err, step=rich_steps(err))
+    evaluation.render(report, out)
+    _write_json(json_path, report.to_json())
+    if plot is not None:
+        evaluation.plot(report, plot)
+    if report.drifted:
+        rows = ", ".join(str(row.keep) for row in report.drifted)
+        _fail(f"the export answers differently from eager on more than 0.1 % of the images (keep {rows})", EXIT_DRIFT)
+        raise typer.Exit(EXIT_DRIFT)
+
+
+testbed = typer.Typer(no_args_is_help=True, help="The trained built-in models: how they are made.")
+app.add_typer(testbed, name="testbed")
+
+
+@testbed.command()
+def train(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="fmnist-vit or fmnist-llava")],
+    output: Annotated[Path, typer.Option(metavar="DIR", help="the new model directory (Hugging Face layout)")],
+    encoder: Annotated[
+        Path | None, typer.Option(metavar="DIR", help="fmnist-llava: the trained fmnist-vit (default: the shipped one)")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(metavar="N", help="fewer steps than the recipe's (a smoke run)")] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+) -> None:
+    """Train a testbed recipe on Fashion-MNIST (seeded, one thread, ~10 minutes on 2 cores) into DIR."""
+
+    flow("testbed").train_command(name, output, encoder, steps, force, err)
+
+
 @app.command()
 def inspect(
     model: Annotated[
@@ -581,7 +682,7 @@ def methods() -> None:
 
 @app.command()
 def zoo() -> None:
-    """The built-in models (random-initialised, architecture-faithful)."""
+    """The built-in models: architecture-faithful, random-initialised, and two trained on Fashion-MNIST."""
 
     table = Table(title="zoo (use as zoo:NAME)")
     for column in ("name", "family", "tokens", "layers", "description"):

@@ -26,7 +26,7 @@ from tpc.exporter import ExportPart, get_target
 from tpc.exporter.base import Artifact, Target
 from tpc.kinds.base import Kind
 from tpc.models_zoo import ZOO_PREFIX
-from tpc.models_zoo.zoo import cache_root
+from tpc.models_zoo.zoo import CHECKPOINTS, cache_root
 from tpc.outputs import absolute, check_output, commit, recover, staging_dir
 from tpc.passes.policy_stages import StagePart
 from tpc.pipeline import Pruned, PruneRequest, as_arrays, build, eager_outputs, kind_for
@@ -147,7 +147,7 @@ def _manifest(job: _Job, components: list[ComponentSpec], versions: dict[str, st
 def protected_paths(model: str) -> list[tuple[str, Path]]:
     """Directories an export may never replace besides the working and home directories: the model's own."""
     if model.startswith(ZOO_PREFIX):
-        return [("tpc's model cache", cache_root())]
+        return [("tpc's model cache", cache_root()), ("tpc's trained checkpoints", CHECKPOINTS)]
     return [("the model directory", absolute(model))]
 
 

@@ -11,6 +11,8 @@ FLOWS = {
     "verify": "tpc.verification",  # verify(directory, ...)
     "profile": "tpc.profiling",  # profile(directory, ...)
     "inspect": "tpc.inspect",  # describe(request), describe_and_render(request), describe_export(directory)
+    "evaluate": "tpc.evaluation",  # evaluate(options), render(report), plot(report, path): accuracy under pruning
+    "testbed": "tpc.testbed",  # train_command(name, output, ...): the trained zoo models
     "build": "tpc.pipeline",  # PruneRequest, plan(request), build(request)
     "targets": "tpc.exporter",  # option_specs(), PARAM_OPTIONS: the targets' options, for `tpc export`'s flags
     "etdump": "tpc.runtimes.executorch.etdump",  # etdump_report(pte, etdump)

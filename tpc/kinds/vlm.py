@@ -400,8 +400,7 @@ def plan_vlm(request: PruneRequest, source: ModelSource) -> VlmPlan:
             f"--max-new-tokens must be at least {MIN_NEW_TOKENS} (verification compares that many generated tokens), "
             f"got {max_new}"
         )
-    user_dir = source.user_dir
-    layout = adapter.default_layout(config, user_dir, request.prompt_len, shots)
+    layout = adapter.default_layout(config, source.files_dir, request.prompt_len, shots)
     check_positions(
         layout.length + max_new - 1,
         decoder.max_positions,

@@ -143,6 +143,14 @@ class ModelSource:
         return self.adapter.geometry(self.config)
 
     @property
+    def files_dir(self) -> Path | None:
+        """Where the model's own files lie beside its weights (tokenizer, chat template, processor): a user's
+        directory or a trained zoo checkpoint; None for a zoo model built from its config."""
+        if self.user_dir is not None:
+            return self.user_dir
+        return self.zoo_entry.checkpoint if self.zoo_entry is not None else None
+
+    @property
     def path(self) -> Path:
         """The local directory `from_pretrained` loads (a zoo model is built and saved the first time)."""
         if self.zoo_entry is not None:

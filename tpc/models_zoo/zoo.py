@@ -1,6 +1,8 @@
 """Built-in, architecture-faithful models: real transformers classes built from configs with a fixed seed.
 
-No model hub is reachable, so the zoo's weights are random-initialised. Each entry is saved once with
+No model hub is reachable, so the zoo's weights are random-initialised, except two small models trained here on
+Fashion-MNIST (`tpc testbed train`) that ship as checkpoints, so that accuracy under pruning can be measured
+(`tpc eval`); a random-initialised model's accuracy means nothing. Each other entry is saved once with
 `save_pretrained` into a cache directory and always loaded back with `from_pretrained`, the same path a
 user's own local model directory takes. Tiny entries export in seconds (tests, demo); larger ones have the
 real geometry of the models they are named after (benchmarks).
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from tpc.models_zoo.openvla import OpenVlaConfig
 
 
+CHECKPOINTS = Path(__file__).parent / "checkpoints"  # the testbed's trained models, in Hugging Face layout
 OPENVLA_MODULE = "tpc.models_zoo.openvla"  # where the OpenVLA config class lives (it imports torch)
 VisionConfigName = Literal["CLIPVisionConfig", "SiglipVisionConfig"]  # the config classes of the tiny encoders
 
@@ -57,6 +60,12 @@ class ZooEntry:
     prefix: int
     layers: int
     seed: int = 0
+    # trained weights shipped in tpc/models_zoo/checkpoints/NAME (`tpc testbed train`), instead of a seeded init
+    trained: bool = False
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return CHECKPOINTS / self.name if self.trained else None
 
 
 def _transformers_config(name: VisionConfigName) -> type[CLIPVisionConfig] | type[SiglipVisionConfig]:
@@ -281,6 +290,18 @@ def _openvla(towers: list[dict[str, int | str]], pad_id: int, **text: Unpack[_De
     )
 
 
+def _shipped(name: str) -> Callable[[], PretrainedConfig]:
+    """The config.json of a trained checkpoint that ships with tpc."""
+
+    def make() -> PretrainedConfig:
+        from transformers import AutoConfig
+
+        config: PretrainedConfig = AutoConfig.from_pretrained(str(CHECKPOINTS / name), local_files_only=True)
+        return config
+
+    return make
+
+
 def _clip_vit_l_336() -> PretrainedConfig:
     from transformers import CLIPVisionConfig
 
@@ -395,6 +416,26 @@ ZOO: dict[str, ZooEntry] = {
             0,
             24,
         ),
+        ZooEntry(
+            "fmnist-vit",
+            "clip",
+            "trained on Fashion-MNIST (tpc testbed train), 85.8 % top-1: CLIP classifier, 14x14 patches + CLS",
+            _shipped("fmnist-vit"),
+            196,
+            1,
+            4,
+            trained=True,
+        ),
+        ZooEntry(
+            "fmnist-llava",
+            "llava",
+            "trained on Fashion-MNIST, 84.9 % top-1: fmnist-vit's tower, projector, 4-layer Llama naming the class",
+            _shipped("fmnist-llava"),
+            196,
+            1,
+            4,
+            trained=True,
+        ),
     )
 }
 
@@ -418,7 +459,9 @@ class BuildsModels(Protocol):
 
 def materialize(entry: ZooEntry, adapter: BuildsModels) -> Path:
     """Directory holding the entry's config.json + model.safetensors (saved by `adapter`, the entry's family
-    adapter); built once, then reused."""
+    adapter); built once, then reused. A trained entry's is the checkpoint that ships with tpc."""
+    if entry.checkpoint is not None:
+        return entry.checkpoint
     import torch
 
     target = cache_root() / "zoo" / f"{entry.name}-{_fingerprint(entry)}"

@@ -162,6 +162,20 @@ class GenerationLoop:
         one is never fed). Where a token is the [SEG] token, that is what a SAM-style mask decoder consumes."""
         return self._generate(pixel_values, input_ids, max_new_tokens, stop_at_eos, strict)
 
+    def first_logits(self, pixel_values: Any, input_ids: Any, strict: bool | None = None) -> np.ndarray:
+        """The prefill's logits (B, vocabulary) for the token after the prompt (greedy's first token is their
+        argmax): how `tpc eval` reads a VLM's one-word answer, with the margin to the runner-up."""
+        return self._prefill(pixel_values, input_ids, strict, stacklevel=4)[LOGITS]
+
+    def _prefill(
+        self, pixel_values: Any, input_ids: Any, strict: bool | None, stacklevel: int
+    ) -> dict[str, np.ndarray]:
+        """Vision then prefill on checked inputs: the prefill's outputs, and the ids it took (`input_ids`).
+        `stacklevel` makes a warning point at the caller of generate / generate_with_hidden / first_logits."""
+        pixel_values, input_ids = self.check_inputs(pixel_values, input_ids, strict, stacklevel=stacklevel)
+        ids = prefill_ids(self.generation, input_ids)
+        return {**self.components["prefill"]({INPUT_IDS: ids, **self.encode_images(pixel_values)}), INPUT_IDS: ids}
+
     def _generate(
         self, pixel_values: Any, input_ids: Any, max_new_tokens: int | None, stop_at_eos: bool, strict: bool | None
     ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -171,11 +185,9 @@ class GenerationLoop:
             raise UsageError(
                 f"max_new_tokens {steps!r} is not an integer in 1..{limit}, the cache size this export was built for"
             )
-        # a warning points at the caller of generate / generate_with_hidden
-        pixel_values, input_ids = self.check_inputs(pixel_values, input_ids, strict, stacklevel=4)
         eos = np.asarray(self.generation.eos_token_ids if stop_at_eos else [], dtype=np.int64)
-        ids = prefill_ids(self.generation, input_ids)
-        out = self.components["prefill"]({INPUT_IDS: ids, **self.encode_images(pixel_values)})
+        out = self._prefill(pixel_values, input_ids, strict, stacklevel=5)
+        ids = out[INPUT_IDS]
         tokens: list[np.ndarray] = []
         hidden: list[np.ndarray] = []
         finished = np.zeros(ids.shape[0], dtype=bool)
